@@ -1,0 +1,49 @@
+//! The one place where podvisor errors become gRPC statuses. Each error is
+//! logged here, once.
+
+use tonic::{Code, Status};
+
+use crate::image::ImageError;
+use crate::image::registry::RegistryError;
+use crate::image::unpack::UnpackError;
+
+pub fn image_status(err: ImageError) -> Status {
+    let code = match &err {
+        ImageError::Reference(_) | ImageError::Auth(_) | ImageError::Ambiguous(_) => {
+            Code::InvalidArgument
+        }
+        ImageError::NotFound(_) | ImageError::NoPlatform { .. } => Code::NotFound,
+        ImageError::Registry { source, .. } => match source {
+            RegistryError::NotFound { .. } => Code::NotFound,
+            RegistryError::Unauthorized { .. } => Code::PermissionDenied,
+            RegistryError::Unreachable { .. } => Code::Unavailable,
+            RegistryError::Status { status, .. } if *status == 429 || *status >= 500 => {
+                Code::Unavailable
+            }
+            RegistryError::Status { .. } | RegistryError::Invalid { .. } => {
+                Code::FailedPrecondition
+            }
+            RegistryError::Mismatch { .. } => Code::DataLoss,
+        },
+        ImageError::Manifest { .. } => Code::FailedPrecondition,
+        ImageError::Unpack { source, .. } => match source {
+            UnpackError::Unsafe { .. } => Code::InvalidArgument,
+            UnpackError::Corrupt { .. } => Code::DataLoss,
+            _ => Code::Internal,
+        },
+        ImageError::DiffIdMismatch { .. } => Code::DataLoss,
+        ImageError::Io { .. } | ImageError::Client(_) => Code::Internal,
+    };
+    status(code, &err)
+}
+
+/// Logs the error with its whole chain and turns it into a status carrying that chain.
+pub fn status(code: Code, err: &(dyn std::error::Error + 'static)) -> Status {
+    let message = crate::error_chain(err);
+    if matches!(code, Code::Internal | Code::Unknown | Code::DataLoss) {
+        tracing::error!(?code, error = %message, "request failed");
+    } else {
+        tracing::warn!(?code, error = %message, "request failed");
+    }
+    Status::new(code, message)
+}

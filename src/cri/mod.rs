@@ -1,0 +1,30 @@
+//! The gRPC face of the node: CRI v1 RuntimeService and ImageService, plus
+//! podvisor's pull-progress service, served on one unix socket. Handlers only
+//! validate, convert, call the layer below and convert back.
+
+mod convert;
+mod errors;
+mod image_service;
+mod progress_service;
+mod runtime_service;
+pub mod socket;
+
+pub use image_service::ImageServiceImpl;
+pub use progress_service::PullProgressImpl;
+pub use runtime_service::{RuntimeInfo, RuntimeServiceImpl};
+
+/// Code generated from `proto/`.
+pub mod proto {
+    #[allow(clippy::all, clippy::pedantic, missing_docs)] // reason: generated code
+    pub mod runtime {
+        tonic::include_proto!("runtime.v1");
+    }
+    #[allow(clippy::all, clippy::pedantic, missing_docs)] // reason: generated code
+    pub mod podvisor {
+        tonic::include_proto!("podvisor.v1");
+    }
+}
+
+/// The CRI API version this runtime speaks.
+pub const CRI_API_VERSION: &str = "v1";
+pub const RUNTIME_NAME: &str = "podvisor";

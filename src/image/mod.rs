@@ -1,0 +1,314 @@
+//! The image store: pulls images from registries, keeps content-addressed
+//! blobs (manifests, configs) and one unpacked snapshot per layer, and answers
+//! lookups by id, tag, digest or id prefix.
+//!
+//! On disk, under the daemon root:
+//! - `images/<id hex>.json`: one record per image, written atomically, last step of a pull;
+//! - `blobs/sha256/<hex>`: manifests, indexes and configs;
+//! - `snapshots/<diff id hex>/{fs/,meta.json}`: a layer unpacked for overlayfs, renamed
+//!   into place only when complete;
+//! - `tmp/`: work in progress, emptied at start.
+
+pub mod auth;
+mod catalog;
+pub mod manifest;
+pub mod progress;
+mod pull;
+pub mod reference;
+pub mod registry;
+pub mod unpack;
+
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, OnceLock};
+
+use serde::{Deserialize, Serialize};
+
+pub use auth::Credentials;
+use catalog::Catalog;
+pub use catalog::ImageRecord;
+pub use manifest::ImageConfig;
+pub use progress::{LayerState, PullEvent};
+use reference::{Reference, ReferenceError};
+use registry::{RegistryClient, RegistryError};
+
+use crate::config::RegistryConfig;
+use crate::sys::fs::Usage;
+
+/// Read at every pull when the config names no other file.
+pub const DEFAULT_AUTH_FILE: &str = "/etc/podvisor/auth.json";
+
+#[derive(Debug, thiserror::Error)]
+pub enum ImageError {
+    #[error(transparent)]
+    Reference(#[from] ReferenceError),
+    #[error("pulling {image}")]
+    Registry {
+        image: String,
+        #[source]
+        source: RegistryError,
+    },
+    #[error("{image} has an unusable manifest")]
+    Manifest {
+        image: String,
+        #[source]
+        source: manifest::ManifestError,
+    },
+    #[error("{image} has no image for {platform}")]
+    NoPlatform { image: String, platform: String },
+    #[error("layer {digest} of {image}")]
+    Unpack {
+        image: String,
+        digest: String,
+        #[source]
+        source: unpack::UnpackError,
+    },
+    #[error(
+        "layer {digest} of {image} does not match its config: expected diff id {expected}, got {actual}"
+    )]
+    DiffIdMismatch {
+        image: String,
+        digest: String,
+        expected: String,
+        actual: String,
+    },
+    #[error("bad credentials")]
+    Auth(#[from] auth::AuthError),
+    #[error("image {0:?} not found")]
+    NotFound(String),
+    #[error("image id prefix {0:?} matches several images")]
+    Ambiguous(String),
+    #[error("image store: {context}")]
+    Io {
+        context: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("cannot build the registry client")]
+    Client(#[source] reqwest::Error),
+}
+
+pub(crate) fn io_error(context: impl Into<String>) -> impl FnOnce(std::io::Error) -> ImageError {
+    let context = context.into();
+    move |source| ImageError::Io { context, source }
+}
+
+/// Disk usage of the image store.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct StoreUsage {
+    pub mountpoint: PathBuf,
+    pub usage: Usage,
+}
+
+#[derive(Clone)]
+pub struct ImageStore {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    paths: Paths,
+    config: RegistryConfig,
+    client: OnceLock<RegistryClient>,
+    catalog: Mutex<Catalog>,
+    /// Serializes commits of image records (disk + memory) with removals.
+    commit_lock: tokio::sync::Mutex<()>,
+    /// One download per blob or layer at a time, across all pulls.
+    fetch_locks: pull::KeyedLocks,
+    /// Content that pulls in flight need; garbage collection leaves it alone.
+    leases: Mutex<std::collections::HashMap<String, usize>>,
+    progress: tokio::sync::broadcast::Sender<PullEvent>,
+}
+
+#[derive(Clone, Debug)]
+pub(crate) struct Paths {
+    root: PathBuf,
+    images: PathBuf,
+    blobs: PathBuf,
+    snapshots: PathBuf,
+    tmp: PathBuf,
+}
+
+impl Paths {
+    fn new(root: &Path) -> Paths {
+        Paths {
+            root: root.to_path_buf(),
+            images: root.join("images"),
+            blobs: root.join("blobs").join("sha256"),
+            snapshots: root.join("snapshots"),
+            tmp: root.join("tmp"),
+        }
+    }
+
+    fn blob(&self, digest: &str) -> PathBuf {
+        self.blobs.join(digest_hex(digest))
+    }
+
+    fn snapshot(&self, diff_id: &str) -> PathBuf {
+        self.snapshots.join(digest_hex(diff_id))
+    }
+
+    fn record(&self, id: &str) -> PathBuf {
+        self.images.join(format!("{}.json", digest_hex(id)))
+    }
+}
+
+fn digest_hex(digest: &str) -> &str {
+    digest.strip_prefix("sha256:").unwrap_or(digest)
+}
+
+impl ImageStore {
+    /// Opens (or creates) the store under `root`: loads the records, drops
+    /// unfinished work left by a crash and content no image refers to.
+    pub fn open(root: &Path, config: RegistryConfig) -> Result<ImageStore, ImageError> {
+        let paths = Paths::new(root);
+        let catalog = Catalog::load(&paths)?;
+        let (progress, _) = tokio::sync::broadcast::channel(1024);
+        let store = ImageStore {
+            inner: Arc::new(Inner {
+                paths,
+                config,
+                client: OnceLock::new(),
+                catalog: Mutex::new(catalog),
+                commit_lock: tokio::sync::Mutex::new(()),
+                fetch_locks: pull::KeyedLocks::default(),
+                leases: Mutex::new(Default::default()),
+                progress,
+            }),
+        };
+        store.collect_garbage_now()?;
+        Ok(store)
+    }
+
+    fn catalog(&self) -> std::sync::MutexGuard<'_, Catalog> {
+        self.inner.catalog.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The registry client is built on first use, which keeps an idle daemon small.
+    fn client(&self) -> Result<&RegistryClient, ImageError> {
+        if let Some(client) = self.inner.client.get() {
+            return Ok(client);
+        }
+        let client = RegistryClient::new(self.inner.config.clone()).map_err(ImageError::Client)?;
+        Ok(self.inner.client.get_or_init(|| client))
+    }
+
+    pub fn list(&self) -> Vec<ImageRecord> {
+        let mut images: Vec<_> = self.catalog().images.values().cloned().collect();
+        images.sort_by(|a, b| a.id.cmp(&b.id));
+        images
+    }
+
+    /// Finds an image by id, `sha256:` id, tag, digest reference, or unambiguous id prefix.
+    pub fn resolve(&self, image: &str) -> Result<ImageRecord, ImageError> {
+        self.catalog().resolve(image).cloned()
+    }
+
+    pub fn status(&self, image: &str) -> Result<Option<ImageRecord>, ImageError> {
+        match self.resolve(image) {
+            Ok(record) => Ok(Some(record)),
+            Err(ImageError::NotFound(_)) => Ok(None),
+            Err(err) => Err(err),
+        }
+    }
+
+    /// The raw config blob of an image.
+    pub fn config_blob(&self, record: &ImageRecord) -> Result<Vec<u8>, ImageError> {
+        std::fs::read(self.inner.paths.blob(&record.id)).map_err(io_error("reading image config"))
+    }
+
+    /// The unpacked directories of an image's layers, lowest first.
+    pub fn layer_dirs(&self, record: &ImageRecord) -> Vec<PathBuf> {
+        record
+            .layers
+            .iter()
+            .map(|layer| self.inner.paths.snapshot(&layer.diff_id).join("fs"))
+            .collect()
+    }
+
+    /// Removes an image with all its names and frees what nothing else uses.
+    /// Removing an unknown image is not an error.
+    pub async fn remove(&self, image: &str) -> Result<(), ImageError> {
+        let _commit = self.inner.commit_lock.lock().await;
+        let record = match self.resolve(image) {
+            Ok(record) => record,
+            Err(ImageError::NotFound(_)) => return Ok(()),
+            Err(err) => return Err(err),
+        };
+        match std::fs::remove_file(self.inner.paths.record(&record.id)) {
+            Err(err) if err.kind() != std::io::ErrorKind::NotFound => {
+                return Err(io_error("removing image record")(err));
+            }
+            _ => {}
+        }
+        self.catalog().images.remove(&record.id);
+        tracing::info!(image = %record.id, "image removed");
+        self.collect_garbage_now()
+    }
+
+    /// Moves every blob and snapshot no image (and no pull in flight) refers to
+    /// out of the store, then deletes it in the background.
+    fn collect_garbage_now(&self) -> Result<(), ImageError> {
+        let leases = self
+            .inner
+            .leases
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
+        let doomed = self
+            .catalog()
+            .take_unreferenced(&self.inner.paths, &leases)?;
+        if !doomed.is_empty() {
+            tracing::debug!(count = doomed.len(), "freeing unused image content");
+            let delete = move || {
+                for path in doomed {
+                    let _ = crate::sys::fs::remove_tree(&path);
+                    let _ = std::fs::remove_file(&path);
+                }
+            };
+            match tokio::runtime::Handle::try_current() {
+                Ok(handle) => drop(handle.spawn_blocking(delete)),
+                Err(_) => delete(),
+            }
+        }
+        Ok(())
+    }
+
+    pub fn usage(&self) -> StoreUsage {
+        StoreUsage {
+            mountpoint: self.inner.paths.root.clone(),
+            usage: self.catalog().usage(),
+        }
+    }
+
+    fn auth_file(&self) -> PathBuf {
+        self.inner
+            .config
+            .auth_file
+            .clone()
+            .unwrap_or_else(|| PathBuf::from(DEFAULT_AUTH_FILE))
+    }
+
+    pub fn subscribe(&self) -> tokio::sync::broadcast::Receiver<PullEvent> {
+        self.inner.progress.subscribe()
+    }
+
+    /// Pulls `image` and returns its record. Layers already present are reused;
+    /// concurrent pulls share downloads.
+    pub async fn pull(
+        &self,
+        image: &str,
+        creds: Option<&Credentials>,
+    ) -> Result<ImageRecord, ImageError> {
+        let reference = Reference::parse(image)?;
+        let keychain = auth::Keychain {
+            request: creds.cloned(),
+            file: auth::load_auth_file(&self.auth_file())?,
+        };
+        let result = pull::pull(self, &reference, &keychain).await;
+        let event = match &result {
+            Ok(record) => PullEvent::finished(&reference, &record.id),
+            Err(err) => PullEvent::failed(&reference, &crate::error_chain(err)),
+        };
+        let _ = self.inner.progress.send(event);
+        result
+    }
+}

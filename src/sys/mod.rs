@@ -1,0 +1,4 @@
+//! Low-level helpers shared by every layer: files, locks, usage accounting.
+
+pub mod fs;
+pub mod lock;
