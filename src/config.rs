@@ -84,7 +84,8 @@ impl Config {
     }
 
     pub fn parse(text: &str) -> Result<Config, String> {
-        let config: Config = toml::from_str(text).map_err(|err| err.message().to_string())?;
+        let config: Config =
+            toml::from_str(text).map_err(|err| err.to_string().trim_end().to_string())?;
         config.validate()?;
         Ok(config)
     }

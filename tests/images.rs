@@ -965,3 +965,108 @@ async fn corrupted_blobs_fail_verification() {
     assert!(list(&daemon).await.is_empty());
     assert!(snapshot_dirs(&daemon).is_empty());
 }
+
+#[tokio::test]
+async fn a_pull_whose_caller_gives_up_still_completes_and_leaves_no_work_behind() {
+    let registry = Registry::start().await;
+    let image = TestImage::new(
+        ImageConfig::default(),
+        vec![
+            busybox_layer(Compression::Gzip),
+            filler_layer(2 << 20, 3, Compression::Gzip),
+        ],
+    );
+    push_image(&registry.url(), "cancel/app", "v1", &image, Flavour::Oci).await;
+    let proxy = Proxy::start_with(
+        &registry.url(),
+        ProxyOptions {
+            bytes_per_sec: Some(2 << 20),
+            ..Default::default()
+        },
+    )
+    .await;
+    let daemon = Daemon::start().await;
+    let name = format!("{}/cancel/app:v1", proxy.host());
+    let endpoint = daemon.endpoint();
+    let request_name = name.clone();
+    let pulling = tokio::spawn(async move {
+        let channel = podvisor::cri::socket::connect(&endpoint).await.unwrap();
+        podvisor::cri::proto::runtime::image_service_client::ImageServiceClient::new(channel)
+            .pull_image(PullImageRequest {
+                image: Some(spec(&request_name)),
+                ..Default::default()
+            })
+            .await
+    });
+    let big = image.layers[1].digest.clone();
+    common::wait_for(
+        Duration::from_secs(10),
+        "the big layer download to start",
+        || proxy.count(&format!("/blobs/{big}")) > 0,
+    )
+    .await;
+    pulling.abort(); // the client goes away, as kubelet does on a deadline
+    common::wait_for(
+        Duration::from_secs(20),
+        "the abandoned pull to finish",
+        || !daemon.entries("images").is_empty(),
+    )
+    .await;
+    common::wait_for(Duration::from_secs(5), "tmp to be empty", || {
+        daemon.entries("tmp").is_empty()
+    })
+    .await;
+    assert_eq!(
+        status(&daemon, &name).await.map(|i| i.id),
+        Some(image.config_digest())
+    );
+}
+
+#[tokio::test]
+async fn list_filter_by_repository_name() {
+    let registry = Registry::start().await;
+    push_image(
+        &registry.url(),
+        "repo/app",
+        "v1",
+        &TestImage::busybox(),
+        Flavour::Oci,
+    )
+    .await;
+    let daemon = Daemon::start().await;
+    daemon
+        .pull(&format!("{}/repo/app:v1", registry.host()))
+        .await
+        .unwrap();
+    let filter = |image: String| ListImagesRequest {
+        filter: Some(ImageFilter {
+            image: Some(spec(&image)),
+        }),
+    };
+    let mut client = daemon.images().await;
+    let by_repo = client
+        .list_images(filter(format!("{}/repo/app", registry.host())))
+        .await
+        .unwrap();
+    assert_eq!(by_repo.into_inner().images.len(), 1);
+    let other_tag = client
+        .list_images(filter(format!("{}/repo/app:v2", registry.host())))
+        .await
+        .unwrap();
+    assert!(other_tag.into_inner().images.is_empty());
+}
+
+#[tokio::test]
+async fn a_mirror_that_says_not_found_wins_over_an_unreachable_origin() {
+    let registry = Registry::start().await;
+    let config = format!(
+        "[registry.mirrors]\n\"registry.invalid\" = [\"{}\"]\n",
+        registry.url()
+    );
+    let daemon = Daemon::start_with_config(Some(&config)).await;
+    let err = daemon
+        .pull("registry.invalid/missing/app:v1")
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::NotFound, "{err:?}");
+}

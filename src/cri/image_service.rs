@@ -35,7 +35,8 @@ impl ImageServiceImpl {
             None => self.store.list(),
             Some(image) => match self.store.resolve(&image) {
                 Ok(record) => vec![record],
-                Err(ImageError::NotFound(_)) => Vec::new(),
+                // A bare repository name lists every tag of it, as `crictl images NAME` expects.
+                Err(ImageError::NotFound(_)) => self.store.list_repository(&image),
                 Err(err) => return Err(image_status(err)),
             },
         };

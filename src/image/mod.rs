@@ -197,6 +197,32 @@ impl ImageStore {
         images
     }
 
+    /// Images with any tag or digest in the repository `name` names
+    /// (`busybox`, `registry.k8s.io/pause`); nothing when `name` has a tag or digest.
+    pub fn list_repository(&self, name: &str) -> Vec<ImageRecord> {
+        let Ok(reference) = Reference::parse(name) else {
+            return Vec::new();
+        };
+        let last = name.rsplit('/').next().unwrap_or(name);
+        if last.contains(':') || name.contains('@') {
+            return Vec::new();
+        }
+        let repository = reference.name();
+        self.list()
+            .into_iter()
+            .filter(|record| {
+                record
+                    .repo_tags
+                    .iter()
+                    .chain(&record.repo_digests)
+                    .any(|n| {
+                        n.strip_prefix(&repository)
+                            .is_some_and(|rest| rest.starts_with(':') || rest.starts_with('@'))
+                    })
+            })
+            .collect()
+    }
+
     /// Finds an image by id, `sha256:` id, tag, digest reference, or unambiguous id prefix.
     pub fn resolve(&self, image: &str) -> Result<ImageRecord, ImageError> {
         self.catalog().resolve(image).cloned()
@@ -293,7 +319,23 @@ impl ImageStore {
 
     /// Pulls `image` and returns its record. Layers already present are reused;
     /// concurrent pulls share downloads.
+    ///
+    /// The pull runs as a task of its own: a caller that gives up (a kubelet
+    /// deadline) does not abort it halfway, and its retry finds the work done.
     pub async fn pull(
+        &self,
+        image: &str,
+        creds: Option<&Credentials>,
+    ) -> Result<ImageRecord, ImageError> {
+        let store = self.clone();
+        let image = image.to_string();
+        let creds = creds.cloned();
+        tokio::spawn(async move { store.pull_now(&image, creds.as_ref()).await })
+            .await
+            .map_err(|err| io_error("pull task")(std::io::Error::other(err.to_string())))?
+    }
+
+    async fn pull_now(
         &self,
         image: &str,
         creds: Option<&Credentials>,
@@ -309,6 +351,9 @@ impl ImageStore {
             Err(err) => PullEvent::failed(&reference, &crate::error_chain(err)),
         };
         let _ = self.inner.progress.send(event);
+        // Pull buffers are large and short-lived: hand them back to the OS.
+        // SAFETY: malloc_trim only releases free heap memory.
+        unsafe { libc::malloc_trim(0) };
         result
     }
 }

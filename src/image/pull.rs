@@ -359,15 +359,15 @@ async fn ensure_snapshot(
     let mut attempt = 0;
     loop {
         attempt += 1;
-        let work = store
-            .inner
-            .paths
-            .tmp
-            .join(format!("unpack-{:016x}", rand::random::<u64>()));
-        let result = download_snapshot(ctx, layer, diff_id, &work, &progress).await;
-        if result.is_err() {
-            let _ = crate::sys::fs::remove_tree(&work);
-        }
+        let work = WorkDir(
+            store
+                .inner
+                .paths
+                .tmp
+                .join(format!("unpack-{:016x}", rand::random::<u64>())),
+        );
+        let result = download_snapshot(ctx, layer, diff_id, &work.0, &progress).await;
+        drop(work);
         match result {
             Err(ImageError::Registry {
                 source: source @ RegistryError::Unreachable { .. },
@@ -510,6 +510,16 @@ async fn download_snapshot(
     store.catalog().snapshots.insert(diff_id.to_string(), usage);
     progress(LayerState::Done, downloaded);
     Ok(())
+}
+
+/// A layer's work directory under `tmp/`, removed however the work ends
+/// (once committed it has been renamed away, so there is nothing left to remove).
+struct WorkDir(std::path::PathBuf);
+
+impl Drop for WorkDir {
+    fn drop(&mut self) {
+        let _ = crate::sys::fs::remove_tree(&self.0);
+    }
 }
 
 /// Reads the chunks a download task sends, for the blocking unpacker.

@@ -72,6 +72,16 @@ pub enum RegistryError {
 }
 
 impl RegistryError {
+    fn rank(&self) -> u8 {
+        match self {
+            RegistryError::Unreachable { .. } => 0,
+            RegistryError::Status { .. } => 1,
+            RegistryError::NotFound { .. } => 2,
+            RegistryError::Unauthorized { .. } => 3,
+            RegistryError::Mismatch { .. } | RegistryError::Invalid { .. } => 4,
+        }
+    }
+
     /// Whether another endpoint (the next mirror or the origin) may do better.
     fn try_next_endpoint(&self) -> bool {
         !matches!(
@@ -189,6 +199,14 @@ impl RegistryClient {
             {
                 Ok(manifest) => return Ok((endpoint, manifest)),
                 Err(err) if err.try_next_endpoint() => {
+                    // Keep the most telling answer: a registry's "not found" or
+                    // "denied" says more than another one being unreachable.
+                    if last_error
+                        .as_ref()
+                        .is_some_and(|last: &RegistryError| last.rank() > err.rank())
+                    {
+                        continue;
+                    }
                     tracing::debug!(endpoint = %endpoint.base, error = %err, "endpoint failed, trying the next");
                     last_error = Some(err);
                 }
@@ -206,7 +224,12 @@ impl RegistryClient {
         tag_or_digest: &str,
         keychain: &Keychain,
     ) -> Result<FetchedManifest, RegistryError> {
-        let what = format!("manifest {repository}:{tag_or_digest}");
+        let separator = if is_valid_digest(tag_or_digest) {
+            '@'
+        } else {
+            ':'
+        };
+        let what = format!("manifest {repository}{separator}{tag_or_digest}");
         let path = format!("manifests/{tag_or_digest}");
         let response = self
             .get(
