@@ -84,8 +84,7 @@ impl Config {
     }
 
     pub fn parse(text: &str) -> Result<Config, String> {
-        let config: Config =
-            toml::from_str(text).map_err(|err| err.to_string().trim_end().to_string())?;
+        let config: Config = toml::from_str(text).map_err(|err| err.to_string().trim_end().to_string())?;
         config.validate()?;
         Ok(config)
     }
@@ -136,8 +135,7 @@ mod tests {
     fn rejects_unknown_fields_and_bad_endpoints() {
         let err = Config::parse("[registry]\ninsecur = []\n").unwrap_err();
         assert!(err.contains("insecur"), "{err}");
-        let err = Config::parse("[registry.mirrors]\n\"docker.io\" = [\"127.0.0.1:5000\"]\n")
-            .unwrap_err();
+        let err = Config::parse("[registry.mirrors]\n\"docker.io\" = [\"127.0.0.1:5000\"]\n").unwrap_err();
         assert!(err.contains("http://"), "{err}");
     }
 

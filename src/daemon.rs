@@ -44,6 +44,8 @@ pub enum DaemonError {
     },
     #[error("cannot open the image store")]
     Images(#[source] ImageError),
+    #[error("cannot start the sandbox and container manager")]
+    Manager(#[source] crate::manager::ManagerError),
     #[error(transparent)]
     Socket(#[from] cri::socket::SocketError),
     #[error("gRPC server failed")]
@@ -51,10 +53,7 @@ pub enum DaemonError {
 }
 
 /// Runs the daemon until `shutdown` completes.
-pub async fn run(
-    options: DaemonOptions,
-    shutdown: impl Future<Output = ()> + Send,
-) -> Result<(), DaemonError> {
+pub async fn run(options: DaemonOptions, shutdown: impl Future<Output = ()> + Send) -> Result<(), DaemonError> {
     let config = Config::load(&options.config_path, options.config_explicit)?;
     for dir in [&options.root, &options.state] {
         crate::sys::fs::ensure_dir(dir, 0o711).map_err(|source| DaemonError::Dir {
@@ -63,8 +62,9 @@ pub async fn run(
         })?;
     }
     let _lock = DirLock::acquire(&options.root.join("podvisor.lock"))?;
-    let images =
-        ImageStore::open(&options.root, config.registry.clone()).map_err(DaemonError::Images)?;
+    let images = ImageStore::open(&options.root, config.registry.clone()).map_err(DaemonError::Images)?;
+    let manager =
+        crate::manager::Manager::new(images.clone(), &options.root, &options.state).map_err(DaemonError::Manager)?;
     let socket = cri::socket::socket_path(&options.listen);
     let info = RuntimeInfo {
         root: options.root.clone(),
@@ -85,18 +85,15 @@ pub async fn run(
     let (stop_serving, serving_stopped) = tokio::sync::oneshot::channel::<()>();
     let server = tonic::transport::Server::builder()
         .trace_fn(|request| tracing::info_span!("rpc", method = %request.uri().path()))
-        .add_service(RuntimeServiceServer::new(RuntimeServiceImpl::new(info)))
+        .add_service(RuntimeServiceServer::new(RuntimeServiceImpl::new(info, manager)))
         .add_service(ImageServiceServer::new(ImageServiceImpl::new(
             images.clone(),
             containers_dir,
         )))
         .add_service(PullProgressServer::new(PullProgressImpl::new(images)))
-        .serve_with_incoming_shutdown(
-            tokio_stream::wrappers::UnixListenerStream::new(listener),
-            async {
-                let _ = serving_stopped.await;
-            },
-        );
+        .serve_with_incoming_shutdown(tokio_stream::wrappers::UnixListenerStream::new(listener), async {
+            let _ = serving_stopped.await;
+        });
     tokio::pin!(server);
     let result = tokio::select! {
         result = &mut server => result,

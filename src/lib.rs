@@ -1,6 +1,7 @@
 //! podvisor: a Kubernetes CRI runtime that runs pods as Linux containers or as
 //! libvirt VMs. The binary's subcommands live in `main.rs`; everything else is here.
 
+pub mod backend;
 pub mod cgroups;
 pub mod cli;
 pub mod config;
@@ -8,6 +9,7 @@ pub mod cri;
 pub mod daemon;
 pub mod image;
 pub mod logging;
+pub mod manager;
 pub mod sys;
 
 /// An error and all its sources, `outer: inner: innermost`, for messages that

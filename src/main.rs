@@ -15,12 +15,7 @@ struct Cli {
     #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text, env = "PODVISOR_LOG_FORMAT")]
     log_format: LogFormat,
     /// Log level (overridden by RUST_LOG).
-    #[arg(
-        long,
-        global = true,
-        default_value = "info",
-        env = "PODVISOR_LOG_LEVEL"
-    )]
+    #[arg(long, global = true, default_value = "info", env = "PODVISOR_LOG_LEVEL")]
     log_level: String,
     #[command(subcommand)]
     command: Command,
@@ -53,6 +48,15 @@ enum Command {
         #[arg(long, default_value = DEFAULT_ENDPOINT, env = "PODVISOR_ENDPOINT")]
         endpoint: String,
     },
+    /// Internal: the per-container monitor the daemon starts.
+    #[command(hide = true)]
+    Monitor { bundle: PathBuf },
+    /// Internal: runs a process inside a running container.
+    #[command(hide = true)]
+    ExecHelper { config: PathBuf },
+    /// Internal: the init of a pod-wide PID namespace.
+    #[command(hide = true)]
+    PodInit,
     /// List the images the daemon stores.
     Images {
         /// Only print image ids.
@@ -65,6 +69,13 @@ enum Command {
 
 fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
+    // The helpers run single-threaded and never start an async runtime.
+    match &cli.command {
+        Command::Monitor { bundle } => podvisor::backend::linux::monitor::run(bundle),
+        Command::ExecHelper { config } => podvisor::backend::linux::exec::run(config),
+        Command::PodInit => podvisor::backend::linux::sandbox::pod_init_main(),
+        _ => {}
+    }
     match run(cli) {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(err) => {
@@ -101,16 +112,15 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                     .await
                     .map_err(|err| anyhow::anyhow!(podvisor::error_chain(&err)))
             }
-            Command::Pull {
-                image,
-                creds,
-                endpoint,
-            } => podvisor::cli::pull(&endpoint, &image, creds.as_deref())
+            Command::Pull { image, creds, endpoint } => podvisor::cli::pull(&endpoint, &image, creds.as_deref())
                 .await
                 .map_err(|err| anyhow::anyhow!(podvisor::error_chain(&err))),
             Command::Images { quiet, endpoint } => podvisor::cli::images(&endpoint, quiet)
                 .await
                 .map_err(|err| anyhow::anyhow!(podvisor::error_chain(&err))),
+            Command::Monitor { .. } | Command::ExecHelper { .. } | Command::PodInit => {
+                unreachable!("handled before the runtime starts")
+            }
         }
     })
 }

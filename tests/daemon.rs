@@ -9,10 +9,7 @@ use common::daemon::Daemon;
 use common::oci::{Flavour, TestImage};
 use common::push::push_image;
 use common::registry::Registry;
-use podvisor::cri::proto::runtime::{
-    ListPodSandboxRequest, RuntimeConfigRequest, StatusRequest, UpdateRuntimeConfigRequest,
-    VersionRequest,
-};
+use podvisor::cri::proto::runtime::{RuntimeConfigRequest, StatusRequest, UpdateRuntimeConfigRequest, VersionRequest};
 use tonic::Code;
 
 #[tokio::test]
@@ -20,9 +17,7 @@ async fn version_status_and_runtime_config() {
     let daemon = Daemon::start().await;
     let mut runtime = daemon.runtime().await;
     let version = runtime
-        .version(VersionRequest {
-            version: "v1".into(),
-        })
+        .version(VersionRequest { version: "v1".into() })
         .await
         .unwrap()
         .into_inner();
@@ -36,15 +31,9 @@ async fn version_status_and_runtime_config() {
         .unwrap()
         .into_inner();
     let conditions = status.status.unwrap().conditions;
-    let runtime_ready = conditions
-        .iter()
-        .find(|c| c.r#type == "RuntimeReady")
-        .unwrap();
+    let runtime_ready = conditions.iter().find(|c| c.r#type == "RuntimeReady").unwrap();
     assert!(runtime_ready.status);
-    let network_ready = conditions
-        .iter()
-        .find(|c| c.r#type == "NetworkReady")
-        .unwrap();
+    let network_ready = conditions.iter().find(|c| c.r#type == "NetworkReady").unwrap();
     assert!(
         !network_ready.status && !network_ready.reason.is_empty(),
         "{network_ready:?}"
@@ -55,10 +44,7 @@ async fn version_status_and_runtime_config() {
         ["v1", "hybrid", "v2"].contains(&info["runtime"]["cgroup_layout"].as_str().unwrap()),
         "{info}"
     );
-    assert_eq!(
-        info["runtime"]["config"]["registry"]["max_concurrent_downloads"],
-        4
-    );
+    assert_eq!(info["runtime"]["config"]["registry"]["max_concurrent_downloads"], 4);
 
     let config = runtime
         .runtime_config(RuntimeConfigRequest {})
@@ -88,7 +74,7 @@ async fn version_status_and_runtime_config() {
 
     // Not built yet: said plainly, not faked.
     let err = runtime
-        .list_pod_sandbox(ListPodSandboxRequest { filter: None })
+        .checkpoint_container(podvisor::cri::proto::runtime::CheckpointContainerRequest::default())
         .await
         .unwrap_err();
     assert_eq!(err.code(), Code::Unimplemented);
@@ -106,23 +92,13 @@ async fn socket_is_private_and_a_second_daemon_is_refused() {
     let stderr = String::from_utf8_lossy(&second.stderr);
     assert!(stderr.contains("another podvisor daemon"), "{stderr}");
     // The first daemon still serves.
-    daemon
-        .runtime()
-        .await
-        .version(VersionRequest::default())
-        .await
-        .unwrap();
+    daemon.runtime().await.version(VersionRequest::default()).await.unwrap();
 
     // A crash leaves a stale socket behind; the next start replaces it.
     daemon.kill();
     assert!(daemon.socket().exists());
     daemon.restart().await;
-    daemon
-        .runtime()
-        .await
-        .version(VersionRequest::default())
-        .await
-        .unwrap();
+    daemon.runtime().await.version(VersionRequest::default()).await.unwrap();
 
     // A clean stop removes the socket.
     daemon.stop();
@@ -166,11 +142,7 @@ async fn cli_pull_and_images() {
             .unwrap()
     };
     let pulled = run(&["pull", &name]);
-    assert!(
-        pulled.status.success(),
-        "{}",
-        String::from_utf8_lossy(&pulled.stderr)
-    );
+    assert!(pulled.status.success(), "{}", String::from_utf8_lossy(&pulled.stderr));
     assert!(String::from_utf8_lossy(&pulled.stdout).contains(&image.config_digest()));
 
     let listed = run(&["images"]);
@@ -183,10 +155,7 @@ async fn cli_pull_and_images() {
         "{table}"
     );
     let quiet = run(&["images", "-q"]);
-    assert_eq!(
-        String::from_utf8_lossy(&quiet.stdout).trim(),
-        image.config_digest()
-    );
+    assert_eq!(String::from_utf8_lossy(&quiet.stdout).trim(), image.config_digest());
 
     let missing = run(&["pull", &format!("{}/cli/missing:v1", registry.host())]);
     assert!(!missing.status.success());

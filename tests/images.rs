@@ -7,15 +7,14 @@ use std::time::Duration;
 
 use common::daemon::{Daemon, spec};
 use common::oci::{
-    Compression, Entry, Flavour, ImageConfig, TestImage, busybox_layer, filler_layer,
-    layer_from_entries,
+    Compression, Entry, Flavour, ImageConfig, TestImage, busybox_layer, filler_layer, layer_from_entries,
 };
 use common::proxy::{Proxy, ProxyAuth, ProxyOptions};
 use common::push::{RegistryClient, push_image, push_index};
 use common::registry::Registry;
 use podvisor::cri::proto::runtime::{
-    AuthConfig, ImageFilter, ImageFsInfoRequest, ImageStatusRequest, ListImagesRequest,
-    PullImageRequest, RemoveImageRequest,
+    AuthConfig, ImageFilter, ImageFsInfoRequest, ImageStatusRequest, ListImagesRequest, PullImageRequest,
+    RemoveImageRequest,
 };
 use tonic::Code;
 
@@ -63,23 +62,13 @@ async fn fs_used_bytes(daemon: &Daemon) -> u64 {
     info.image_filesystems[0].used_bytes.as_ref().unwrap().value
 }
 
-async fn pull_with(
-    daemon: &Daemon,
-    image: &str,
-    auth: AuthConfig,
-) -> Result<String, tonic::Status> {
+async fn pull_with(daemon: &Daemon, image: &str, auth: AuthConfig) -> Result<String, tonic::Status> {
     let request = PullImageRequest {
         image: Some(spec(image)),
         auth: Some(auth),
         sandbox_config: None,
     };
-    Ok(daemon
-        .images()
-        .await
-        .pull_image(request)
-        .await?
-        .into_inner()
-        .image_ref)
+    Ok(daemon.images().await.pull_image(request).await?.into_inner().image_ref)
 }
 
 fn snapshot_dirs(daemon: &Daemon) -> Vec<String> {
@@ -95,11 +84,7 @@ async fn pull_list_status_remove_round_trip() {
     let name = format!("{}/test/busybox:1.0", registry.host());
 
     let id = daemon.pull(&name).await.unwrap();
-    assert_eq!(
-        id,
-        image.config_digest(),
-        "the image id is the config digest"
-    );
+    assert_eq!(id, image.config_digest(), "the image id is the config digest");
 
     let found = status(&daemon, &name).await.expect("status by tag");
     assert_eq!(found.repo_tags, vec![name.clone()]);
@@ -107,8 +92,7 @@ async fn pull_list_status_remove_round_trip() {
         found.repo_digests,
         [format!("{}/test/busybox@{digest}", registry.host())]
     );
-    let expected_size: u64 =
-        image.config_json().len() as u64 + image.layers.iter().map(|l| l.size()).sum::<u64>();
+    let expected_size: u64 = image.config_json().len() as u64 + image.layers.iter().map(|l| l.size()).sum::<u64>();
     assert_eq!(found.size, expected_size);
     let hex = id.trim_start_matches("sha256:");
     for alias in [
@@ -133,9 +117,7 @@ async fn pull_list_status_remove_round_trip() {
     let busybox = std::fs::read(snapshot.join("fs/bin/busybox")).unwrap();
     assert_eq!(busybox, std::fs::read("/bin/busybox").unwrap());
     assert_eq!(
-        std::fs::read_link(snapshot.join("fs/bin/sh"))
-            .unwrap()
-            .to_str(),
+        std::fs::read_link(snapshot.join("fs/bin/sh")).unwrap().to_str(),
         Some("busybox")
     );
 
@@ -171,10 +153,7 @@ async fn pull_list_status_remove_round_trip() {
     assert_eq!(filtered.len(), 1);
 
     let used_before = fs_used_bytes(&daemon).await;
-    assert!(
-        used_before > 1_000_000,
-        "busybox counts in ImageFsInfo: {used_before}"
-    );
+    assert!(used_before > 1_000_000, "busybox counts in ImageFsInfo: {used_before}");
     remove(&daemon, &name).await;
     assert!(status(&daemon, &id).await.is_none());
     assert!(list(&daemon).await.is_empty());
@@ -200,14 +179,7 @@ async fn docker_flavour_and_uncompressed_layers() {
         },
         vec![busybox_layer(Compression::None)],
     );
-    push_image(
-        &registry.url(),
-        "docker/plain",
-        "v1",
-        &image,
-        Flavour::Docker,
-    )
-    .await;
+    push_image(&registry.url(), "docker/plain", "v1", &image, Flavour::Docker).await;
     let daemon = Daemon::start().await;
     let id = daemon
         .pull(&format!("{}/docker/plain:v1", registry.host()))
@@ -233,41 +205,21 @@ async fn zstd_layers_unpack() {
     );
     push_image(&registry.url(), "test/zstd", "latest", &image, Flavour::Oci).await;
     let daemon = Daemon::start().await;
-    daemon
-        .pull(&format!("{}/test/zstd", registry.host()))
-        .await
-        .unwrap();
+    daemon.pull(&format!("{}/test/zstd", registry.host())).await.unwrap();
     let file = daemon
         .root()
         .join("snapshots")
         .join(layer.diff_id.trim_start_matches("sha256:"))
         .join("fs/data/hello.txt");
-    assert_eq!(
-        std::fs::read_to_string(file).unwrap(),
-        "compressed with zstd\n"
-    );
+    assert_eq!(std::fs::read_to_string(file).unwrap(), "compressed with zstd\n");
 }
 
 #[tokio::test]
 async fn reference_forms_and_mirrors_keep_original_names() {
     let registry = Registry::start().await;
     let image = TestImage::busybox();
-    let digest = push_image(
-        &registry.url(),
-        "library/busybox",
-        "latest",
-        &image,
-        Flavour::Oci,
-    )
-    .await;
-    push_image(
-        &registry.url(),
-        "library/busybox",
-        "1.36",
-        &image,
-        Flavour::Oci,
-    )
-    .await;
+    let digest = push_image(&registry.url(), "library/busybox", "latest", &image, Flavour::Oci).await;
+    push_image(&registry.url(), "library/busybox", "1.36", &image, Flavour::Oci).await;
     let config = format!(
         "[registry.mirrors]\n\"docker.io\" = [\"http://127.0.0.1:1\", \"{}\"]\n",
         registry.url()
@@ -276,15 +228,10 @@ async fn reference_forms_and_mirrors_keep_original_names() {
 
     // The first mirror is unreachable: the second one serves.
     let id = daemon.pull("busybox").await.unwrap();
-    let found = status(&daemon, "docker.io/library/busybox:latest")
-        .await
-        .unwrap();
+    let found = status(&daemon, "docker.io/library/busybox:latest").await.unwrap();
     assert_eq!(found.id, id);
     assert_eq!(found.repo_tags, ["docker.io/library/busybox:latest"]);
-    assert_eq!(
-        found.repo_digests,
-        [format!("docker.io/library/busybox@{digest}")]
-    );
+    assert_eq!(found.repo_digests, [format!("docker.io/library/busybox@{digest}")]);
 
     daemon.pull("library/busybox:1.36").await.unwrap();
     daemon.pull(&format!("busybox@{digest}")).await.unwrap();
@@ -297,10 +244,7 @@ async fn reference_forms_and_mirrors_keep_original_names() {
     tags.sort();
     assert_eq!(
         tags,
-        [
-            "docker.io/library/busybox:1.36",
-            "docker.io/library/busybox:latest"
-        ]
+        ["docker.io/library/busybox:1.36", "docker.io/library/busybox:latest"]
     );
     assert_eq!(list(&daemon).await.len(), 1, "one image, several names");
 
@@ -317,20 +261,14 @@ async fn multi_platform_index_picks_the_node_platform() {
             architecture: "arm64".into(),
             ..Default::default()
         },
-        vec![layer_from_entries(
-            &[Entry::file("arch", "arm64")],
-            Compression::Gzip,
-        )],
+        vec![layer_from_entries(&[Entry::file("arch", "arm64")], Compression::Gzip)],
     );
     let riscv = TestImage::new(
         ImageConfig {
             architecture: "riscv64".into(),
             ..Default::default()
         },
-        vec![layer_from_entries(
-            &[Entry::file("arch", "riscv64")],
-            Compression::Gzip,
-        )],
+        vec![layer_from_entries(&[Entry::file("arch", "riscv64")], Compression::Gzip)],
     );
     let host = common::oci::host_arch();
     let (native, other) = if host == "amd64" {
@@ -343,12 +281,7 @@ async fn multi_platform_index_picks_the_node_platform() {
         "multi/app",
         "latest",
         &[
-            (
-                "linux",
-                if host == "amd64" { "arm64" } else { "amd64" },
-                None,
-                other,
-            ),
+            ("linux", if host == "amd64" { "arm64" } else { "amd64" }, None, other),
             ("linux", "riscv64", None, &riscv),
             ("linux", host, None, native),
         ],
@@ -406,14 +339,7 @@ async fn whiteouts_and_opaque_directories_shape_the_merged_tree() {
         Compression::Gzip,
     );
     let image = TestImage::new(ImageConfig::default(), vec![base.clone(), upper.clone()]);
-    push_image(
-        &registry.url(),
-        "test/whiteout",
-        "latest",
-        &image,
-        Flavour::Oci,
-    )
-    .await;
+    push_image(&registry.url(), "test/whiteout", "latest", &image, Flavour::Oci).await;
     let daemon = Daemon::start().await;
     daemon
         .pull(&format!("{}/test/whiteout", registry.host()))
@@ -461,10 +387,7 @@ async fn whiteouts_and_opaque_directories_shape_the_merged_tree() {
         merged.path().join("top").exists(),
     );
     nix::mount::umount(merged.path()).expect("umount overlay");
-    assert_eq!(
-        seen,
-        (Some("kept".into()), false, false, Some("new".into()), false)
-    );
+    assert_eq!(seen, (Some("kept".into()), false, false, Some("new".into()), false));
 }
 
 #[tokio::test]
@@ -513,14 +436,7 @@ async fn malicious_layers_are_refused_and_write_nothing_outside() {
             ImageConfig::default(),
             vec![layer_from_entries(&entries, Compression::Gzip)],
         );
-        push_image(
-            &registry.url(),
-            &format!("evil/{name}"),
-            "latest",
-            &image,
-            Flavour::Oci,
-        )
-        .await;
+        push_image(&registry.url(), &format!("evil/{name}"), "latest", &image, Flavour::Oci).await;
         let err = daemon
             .pull(&format!("{}/evil/{name}", registry.host()))
             .await
@@ -538,11 +454,7 @@ async fn malicious_layers_are_refused_and_write_nothing_outside() {
         "no hard link to /etc/passwd was made"
     );
     assert!(list(&daemon).await.is_empty());
-    assert!(
-        snapshot_dirs(&daemon).is_empty(),
-        "{:?}",
-        snapshot_dirs(&daemon)
-    );
+    assert!(snapshot_dirs(&daemon).is_empty(), "{:?}", snapshot_dirs(&daemon));
     common::wait_for(Duration::from_secs(5), "tmp to be empty", || {
         daemon.entries("tmp").is_empty()
     })
@@ -633,14 +545,7 @@ async fn credentials_file_is_used_for_its_registry() {
 #[tokio::test]
 async fn bearer_token_flow() {
     let registry = Registry::start().await;
-    push_image(
-        &registry.url(),
-        "secure/app",
-        "v1",
-        &TestImage::busybox(),
-        Flavour::Oci,
-    )
-    .await;
+    push_image(&registry.url(), "secure/app", "v1", &TestImage::busybox(), Flavour::Oci).await;
     let proxy = Proxy::start_with(
         &registry.url(),
         ProxyOptions {
@@ -726,26 +631,13 @@ async fn registry_errors_are_clear() {
 #[tokio::test]
 async fn transient_errors_are_retried() {
     let registry = Registry::start().await;
-    push_image(
-        &registry.url(),
-        "flaky/app",
-        "v1",
-        &TestImage::busybox(),
-        Flavour::Oci,
-    )
-    .await;
+    push_image(&registry.url(), "flaky/app", "v1", &TestImage::busybox(), Flavour::Oci).await;
     let proxy = Proxy::start(&registry.url()).await;
     proxy.fail_next(2, 503);
     let daemon = Daemon::start().await;
-    daemon
-        .pull(&format!("{}/flaky/app:v1", proxy.host()))
-        .await
-        .unwrap();
+    daemon.pull(&format!("{}/flaky/app:v1", proxy.host())).await.unwrap();
     proxy.fail_next_matching("/blobs/", 1, 502);
-    daemon
-        .pull(&format!("{}/flaky/app:v1", proxy.host()))
-        .await
-        .unwrap();
+    daemon.pull(&format!("{}/flaky/app:v1", proxy.host())).await.unwrap();
 }
 
 #[tokio::test]
@@ -769,10 +661,7 @@ async fn concurrent_pulls_download_each_blob_once() {
             let name = name.clone();
             tokio::spawn(async move {
                 let channel = podvisor::cri::socket::connect(&endpoint).await.unwrap();
-                let mut client =
-                    podvisor::cri::proto::runtime::image_service_client::ImageServiceClient::new(
-                        channel,
-                    );
+                let mut client = podvisor::cri::proto::runtime::image_service_client::ImageServiceClient::new(channel);
                 client
                     .pull_image(PullImageRequest {
                         image: Some(spec(&name)),
@@ -833,11 +722,9 @@ async fn pull_killed_midway_leaves_nothing_and_repull_works() {
         }
     });
     let big = image.layers[1].digest.clone();
-    common::wait_for(
-        Duration::from_secs(10),
-        "the big layer download to start",
-        || proxy.count(&format!("/blobs/{big}")) > 0,
-    )
+    common::wait_for(Duration::from_secs(10), "the big layer download to start", || {
+        proxy.count(&format!("/blobs/{big}")) > 0
+    })
     .await;
     tokio::time::sleep(Duration::from_millis(700)).await;
     daemon.kill();
@@ -848,14 +735,8 @@ async fn pull_killed_midway_leaves_nothing_and_repull_works() {
     );
 
     daemon.restart().await;
-    assert!(
-        list(&daemon).await.is_empty(),
-        "no partial image after a crash"
-    );
-    assert!(
-        daemon.entries("tmp").is_empty(),
-        "unfinished work is dropped at start"
-    );
+    assert!(list(&daemon).await.is_empty(), "no partial image after a crash");
+    assert!(daemon.entries("tmp").is_empty(), "unfinished work is dropped at start");
     assert!(daemon.entries("images").is_empty());
     proxy.set_bytes_per_sec(None);
     assert_eq!(daemon.pull(&name).await.unwrap(), image.config_digest());
@@ -864,14 +745,7 @@ async fn pull_killed_midway_leaves_nothing_and_repull_works() {
 #[tokio::test]
 async fn images_survive_restarts() {
     let registry = Registry::start().await;
-    push_image(
-        &registry.url(),
-        "keep/app",
-        "v1",
-        &TestImage::busybox(),
-        Flavour::Oci,
-    )
-    .await;
+    push_image(&registry.url(), "keep/app", "v1", &TestImage::busybox(), Flavour::Oci).await;
     let mut daemon = Daemon::start().await;
     let name = format!("{}/keep/app:v1", registry.host());
     let id = daemon.pull(&name).await.unwrap();
@@ -881,10 +755,7 @@ async fn images_survive_restarts() {
     assert_eq!(status(&daemon, &name).await.map(|i| i.id), Some(id.clone()));
     daemon.restart().await; // a kill -9 this time
     assert_eq!(list(&daemon).await.len(), 1);
-    assert_eq!(
-        status(&daemon, &id[7..19]).await.map(|i| i.repo_tags),
-        Some(vec![name])
-    );
+    assert_eq!(status(&daemon, &id[7..19]).await.map(|i| i.repo_tags), Some(vec![name]));
 }
 
 #[tokio::test]
@@ -905,14 +776,8 @@ async fn shared_layers_are_stored_once_and_freed_last() {
     push_image(&registry.url(), "gc/b", "v1", &b, Flavour::Oci).await;
     let proxy = Proxy::start(&registry.url()).await;
     let daemon = Daemon::start().await;
-    daemon
-        .pull(&format!("{}/gc/a:v1", proxy.host()))
-        .await
-        .unwrap();
-    daemon
-        .pull(&format!("{}/gc/b:v1", proxy.host()))
-        .await
-        .unwrap();
+    daemon.pull(&format!("{}/gc/a:v1", proxy.host())).await.unwrap();
+    daemon.pull(&format!("{}/gc/b:v1", proxy.host())).await.unwrap();
     assert_eq!(
         proxy.count(&format!("/blobs/{}", shared.digest)),
         1,
@@ -999,45 +864,28 @@ async fn a_pull_whose_caller_gives_up_still_completes_and_leaves_no_work_behind(
             .await
     });
     let big = image.layers[1].digest.clone();
-    common::wait_for(
-        Duration::from_secs(10),
-        "the big layer download to start",
-        || proxy.count(&format!("/blobs/{big}")) > 0,
-    )
+    common::wait_for(Duration::from_secs(10), "the big layer download to start", || {
+        proxy.count(&format!("/blobs/{big}")) > 0
+    })
     .await;
     pulling.abort(); // the client goes away, as kubelet does on a deadline
-    common::wait_for(
-        Duration::from_secs(20),
-        "the abandoned pull to finish",
-        || !daemon.entries("images").is_empty(),
-    )
+    common::wait_for(Duration::from_secs(20), "the abandoned pull to finish", || {
+        !daemon.entries("images").is_empty()
+    })
     .await;
     common::wait_for(Duration::from_secs(5), "tmp to be empty", || {
         daemon.entries("tmp").is_empty()
     })
     .await;
-    assert_eq!(
-        status(&daemon, &name).await.map(|i| i.id),
-        Some(image.config_digest())
-    );
+    assert_eq!(status(&daemon, &name).await.map(|i| i.id), Some(image.config_digest()));
 }
 
 #[tokio::test]
 async fn list_filter_by_repository_name() {
     let registry = Registry::start().await;
-    push_image(
-        &registry.url(),
-        "repo/app",
-        "v1",
-        &TestImage::busybox(),
-        Flavour::Oci,
-    )
-    .await;
+    push_image(&registry.url(), "repo/app", "v1", &TestImage::busybox(), Flavour::Oci).await;
     let daemon = Daemon::start().await;
-    daemon
-        .pull(&format!("{}/repo/app:v1", registry.host()))
-        .await
-        .unwrap();
+    daemon.pull(&format!("{}/repo/app:v1", registry.host())).await.unwrap();
     let filter = |image: String| ListImagesRequest {
         filter: Some(ImageFilter {
             image: Some(spec(&image)),
@@ -1059,14 +907,8 @@ async fn list_filter_by_repository_name() {
 #[tokio::test]
 async fn a_mirror_that_says_not_found_wins_over_an_unreachable_origin() {
     let registry = Registry::start().await;
-    let config = format!(
-        "[registry.mirrors]\n\"registry.invalid\" = [\"{}\"]\n",
-        registry.url()
-    );
+    let config = format!("[registry.mirrors]\n\"registry.invalid\" = [\"{}\"]\n", registry.url());
     let daemon = Daemon::start_with_config(Some(&config)).await;
-    let err = daemon
-        .pull("registry.invalid/missing/app:v1")
-        .await
-        .unwrap_err();
+    let err = daemon.pull("registry.invalid/missing/app:v1").await.unwrap_err();
     assert_eq!(err.code(), Code::NotFound, "{err:?}");
 }

@@ -60,9 +60,7 @@ async fn main() {
     let small = TestImage::busybox();
     let big = TestImage::new(
         ImageConfig::default(),
-        (0..10)
-            .map(|i| filler_layer(5 << 20, i, Compression::Gzip))
-            .collect(),
+        (0..10).map(|i| filler_layer(5 << 20, i, Compression::Gzip)).collect(),
     );
     push_image(&registry.url(), "bench/small", "v1", &small, Flavour::Oci).await;
     push_image(&registry.url(), "bench/big", "v1", &big, Flavour::Oci).await;
@@ -72,10 +70,7 @@ async fn main() {
     let daemon = Daemon::start().await;
     let pid = daemon.pid();
     tokio::time::sleep(Duration::from_millis(500)).await;
-    println!(
-        "podvisor idle RSS (fresh start)          {:>9} KiB",
-        rss_kib(pid)
-    );
+    println!("podvisor idle RSS (fresh start)          {:>9} KiB", rss_kib(pid));
     let mut client = daemon.images().await;
 
     for (label, name, bytes, n) in [
@@ -106,10 +101,7 @@ async fn main() {
             wait_until_empty(&daemon).await;
         }
         report(
-            &format!(
-                "PullImage cold, {label} ({:.1} MiB)",
-                bytes as f64 / (1 << 20) as f64
-            ),
+            &format!("PullImage cold, {label} ({:.1} MiB)", bytes as f64 / (1 << 20) as f64),
             &mut pulls,
         );
     }
@@ -142,8 +134,5 @@ async fn main() {
     report("ImageStatus", &mut statuses);
     report("ListImages (2 images)", &mut lists);
     tokio::time::sleep(Duration::from_millis(500)).await;
-    println!(
-        "podvisor RSS after the benchmark         {:>9} KiB",
-        rss_kib(pid)
-    );
+    println!("podvisor RSS after the benchmark         {:>9} KiB", rss_kib(pid));
 }

@@ -26,12 +26,10 @@ pub enum CliError {
 }
 
 async fn channel(endpoint: &str) -> Result<tonic::transport::Channel, CliError> {
-    socket::connect(endpoint)
-        .await
-        .map_err(|source| CliError::Connect {
-            endpoint: endpoint.to_string(),
-            source,
-        })
+    socket::connect(endpoint).await.map_err(|source| CliError::Connect {
+        endpoint: endpoint.to_string(),
+        source,
+    })
 }
 
 /// `podvisor pull`: pulls through the daemon and draws a bar per layer.
@@ -69,11 +67,9 @@ pub async fn pull(endpoint: &str, image: &str, creds: Option<&str>) -> Result<()
     let pulling = tokio::spawn(async move { images.pull_image(request).await });
 
     let bars = MultiProgress::new();
-    let style = ProgressStyle::with_template(
-        "{prefix:.bold} {bar:30.cyan/blue} {bytes:>10}/{total_bytes:<10} {msg}",
-    )
-    .expect("valid progress template")
-    .progress_chars("=> ");
+    let style = ProgressStyle::with_template("{prefix:.bold} {bar:30.cyan/blue} {bytes:>10}/{total_bytes:<10} {msg}")
+        .expect("valid progress template")
+        .progress_chars("=> ");
     let mut layer_bars: HashMap<String, ProgressBar> = HashMap::new();
     let mut show = |layer: &LayerProgress, bars: &MultiProgress| {
         let bar = layer_bars.entry(layer.digest.clone()).or_insert_with(|| {
@@ -130,12 +126,7 @@ pub async fn images(endpoint: &str, quiet: bool) -> Result<(), CliError> {
         }
         return Ok(());
     }
-    let mut rows = vec![[
-        "IMAGE".to_string(),
-        "TAG".into(),
-        "IMAGE ID".into(),
-        "SIZE".into(),
-    ]];
+    let mut rows = vec![["IMAGE".to_string(), "TAG".into(), "IMAGE ID".into(), "SIZE".into()]];
     for image in &images {
         let id = image.id.trim_start_matches("sha256:");
         let short_id = id[..id.len().min(13)].to_string();
@@ -144,12 +135,7 @@ pub async fn images(endpoint: &str, quiet: bool) -> Result<(), CliError> {
             image
                 .repo_digests
                 .iter()
-                .map(|d| {
-                    (
-                        d.split('@').next().unwrap_or(d).to_string(),
-                        "<none>".to_string(),
-                    )
-                })
+                .map(|d| (d.split('@').next().unwrap_or(d).to_string(), "<none>".to_string()))
                 .take(1)
                 .collect()
         } else {

@@ -30,9 +30,7 @@ fn split_user(user: &str) -> (Option<i64>, String) {
     }
 }
 
-pub fn credentials_from_cri(
-    auth: Option<&cri::AuthConfig>,
-) -> Result<Option<Credentials>, AuthError> {
+pub fn credentials_from_cri(auth: Option<&cri::AuthConfig>) -> Result<Option<Credentials>, AuthError> {
     let Some(auth) = auth else {
         return Ok(None);
     };
@@ -61,10 +59,7 @@ mod tests {
 
     #[test]
     fn empty_auth_config_means_anonymous() {
-        assert_eq!(
-            credentials_from_cri(Some(&cri::AuthConfig::default())).unwrap(),
-            None
-        );
+        assert_eq!(credentials_from_cri(Some(&cri::AuthConfig::default())).unwrap(), None);
         let creds = credentials_from_cri(Some(&cri::AuthConfig {
             username: "u".into(),
             password: "p".into(),

@@ -9,20 +9,14 @@ use crate::image::unpack::UnpackError;
 
 pub fn image_status(err: ImageError) -> Status {
     let code = match &err {
-        ImageError::Reference(_) | ImageError::Auth(_) | ImageError::Ambiguous(_) => {
-            Code::InvalidArgument
-        }
+        ImageError::Reference(_) | ImageError::Auth(_) | ImageError::Ambiguous(_) => Code::InvalidArgument,
         ImageError::NotFound(_) | ImageError::NoPlatform { .. } => Code::NotFound,
         ImageError::Registry { source, .. } => match source {
             RegistryError::NotFound { .. } => Code::NotFound,
             RegistryError::Unauthorized { .. } => Code::PermissionDenied,
             RegistryError::Unreachable { .. } => Code::Unavailable,
-            RegistryError::Status { status, .. } if *status == 429 || *status >= 500 => {
-                Code::Unavailable
-            }
-            RegistryError::Status { .. } | RegistryError::Invalid { .. } => {
-                Code::FailedPrecondition
-            }
+            RegistryError::Status { status, .. } if *status == 429 || *status >= 500 => Code::Unavailable,
+            RegistryError::Status { .. } | RegistryError::Invalid { .. } => Code::FailedPrecondition,
             RegistryError::Mismatch { .. } => Code::DataLoss,
         },
         ImageError::Manifest { .. } => Code::FailedPrecondition,
@@ -46,4 +40,25 @@ pub fn status(code: Code, err: &(dyn std::error::Error + 'static)) -> Status {
         tracing::warn!(?code, error = %message, "request failed");
     }
     Status::new(code, message)
+}
+
+pub fn manager_status(err: crate::manager::ManagerError) -> Status {
+    use crate::backend::linux::LinuxError;
+    use crate::manager::ManagerError;
+    let code = match &err {
+        ManagerError::InvalidArgument(_) => Code::InvalidArgument,
+        ManagerError::NotFound { .. } => Code::NotFound,
+        ManagerError::AlreadyExists(_) => Code::AlreadyExists,
+        ManagerError::FailedPrecondition(_) => Code::FailedPrecondition,
+        ManagerError::DeadlineExceeded(_) => Code::DeadlineExceeded,
+        ManagerError::Backend(LinuxError::Invalid(_) | LinuxError::Seccomp(_)) => Code::InvalidArgument,
+        ManagerError::Backend(LinuxError::Timeout(_)) => Code::DeadlineExceeded,
+        ManagerError::Backend(LinuxError::StartFailed(_)) => Code::FailedPrecondition,
+        ManagerError::Backend(_) | ManagerError::Store { .. } => Code::Internal,
+        ManagerError::Image(_) => Code::Internal,
+    };
+    if let ManagerError::Image(inner) = err {
+        return image_status(inner);
+    }
+    status(code, &err)
 }

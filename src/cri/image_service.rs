@@ -20,10 +20,7 @@ pub struct ImageServiceImpl {
 
 impl ImageServiceImpl {
     pub fn new(store: ImageStore, containers_dir: std::path::PathBuf) -> Self {
-        ImageServiceImpl {
-            store,
-            containers_dir,
-        }
+        ImageServiceImpl { store, containers_dir }
     }
 
     fn filtered(&self, filter: Option<cri::ImageFilter>) -> Result<Vec<cri::Image>, Status> {
@@ -71,11 +68,7 @@ impl ImageService for ImageServiceImpl {
         // Batches keep each message well under gRPC's default 4 MiB limit.
         let batches: Vec<_> = images
             .chunks(500)
-            .map(|chunk| {
-                Ok(cri::StreamImagesResponse {
-                    images: chunk.to_vec(),
-                })
-            })
+            .map(|chunk| Ok(cri::StreamImagesResponse { images: chunk.to_vec() }))
             .collect();
         Ok(Response::new(Box::pin(tokio_stream::iter(batches))))
     }
@@ -143,11 +136,7 @@ impl ImageService for ImageServiceImpl {
         let request = request.into_inner();
         let image = spec_image(request.image.as_ref())?;
         let span = tracing::info_span!("RemoveImage", image);
-        self.store
-            .remove(image)
-            .instrument(span)
-            .await
-            .map_err(image_status)?;
+        self.store.remove(image).instrument(span).await.map_err(image_status)?;
         Ok(Response::new(cri::RemoveImageResponse {}))
     }
 
@@ -161,22 +150,18 @@ impl ImageService for ImageServiceImpl {
             .unwrap_or_default();
         let images = self.store.usage();
         let containers_dir = self.containers_dir.clone();
-        let containers =
-            tokio::task::spawn_blocking(move || crate::sys::fs::tree_usage(&containers_dir))
-                .await
-                .map_err(|err| Status::internal(err.to_string()))?
-                .map_err(|err| status(tonic::Code::Internal, &err))?;
-        let usage =
-            |mountpoint: &std::path::Path, usage: crate::sys::fs::Usage| cri::FilesystemUsage {
-                timestamp,
-                fs_id: Some(cri::FilesystemIdentifier {
-                    mountpoint: mountpoint.display().to_string(),
-                }),
-                used_bytes: Some(cri::UInt64Value { value: usage.bytes }),
-                inodes_used: Some(cri::UInt64Value {
-                    value: usage.inodes,
-                }),
-            };
+        let containers = tokio::task::spawn_blocking(move || crate::sys::fs::tree_usage(&containers_dir))
+            .await
+            .map_err(|err| Status::internal(err.to_string()))?
+            .map_err(|err| status(tonic::Code::Internal, &err))?;
+        let usage = |mountpoint: &std::path::Path, usage: crate::sys::fs::Usage| cri::FilesystemUsage {
+            timestamp,
+            fs_id: Some(cri::FilesystemIdentifier {
+                mountpoint: mountpoint.display().to_string(),
+            }),
+            used_bytes: Some(cri::UInt64Value { value: usage.bytes }),
+            inodes_used: Some(cri::UInt64Value { value: usage.inodes }),
+        };
         Ok(Response::new(cri::ImageFsInfoResponse {
             image_filesystems: vec![usage(&images.mountpoint, images.usage)],
             container_filesystems: vec![usage(&self.containers_dir, containers)],

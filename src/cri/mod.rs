@@ -6,6 +6,7 @@ mod convert;
 mod errors;
 mod image_service;
 mod progress_service;
+mod runtime_convert;
 mod runtime_service;
 pub mod socket;
 

@@ -53,12 +53,11 @@ impl PullProgress for PullProgressImpl {
         let wanted = Reference::parse(&request.into_inner().image)
             .map_err(|err| Status::invalid_argument(err.to_string()))?
             .to_string();
-        let events =
-            BroadcastStream::new(self.store.subscribe()).filter_map(move |event| match event {
-                Ok(event) if event.image == wanted => Some(Ok(event_to_proto(event))),
-                // A slow watcher misses events rather than slowing pulls down.
-                _ => None,
-            });
+        let events = BroadcastStream::new(self.store.subscribe()).filter_map(move |event| match event {
+            Ok(event) if event.image == wanted => Some(Ok(event_to_proto(event))),
+            // A slow watcher misses events rather than slowing pulls down.
+            _ => None,
+        });
         Ok(Response::new(Box::pin(events)))
     }
 }

@@ -91,9 +91,7 @@ impl Credentials {
 }
 
 fn decode_auth(auth: &str) -> Result<(String, String), AuthError> {
-    let decoded = BASE64
-        .decode(auth.trim())
-        .map_err(|_| AuthError::BadAuthField)?;
+    let decoded = BASE64.decode(auth.trim()).map_err(|_| AuthError::BadAuthField)?;
     let text = String::from_utf8(decoded).map_err(|_| AuthError::BadAuthField)?;
     let (user, pass) = text.split_once(':').ok_or(AuthError::BadAuthField)?;
     Ok((user.to_string(), pass.to_string()))
@@ -232,11 +230,7 @@ fn parse_params(input: &str) -> HashMap<String, String> {
         let Some((key, after)) = rest.split_once('=') else {
             break;
         };
-        let key = key
-            .trim()
-            .trim_start_matches(',')
-            .trim()
-            .to_ascii_lowercase();
+        let key = key.trim().trim_start_matches(',').trim().to_ascii_lowercase();
         let after = after.trim_start();
         let (value, remaining) = if let Some(quoted) = after.strip_prefix('"') {
             let mut value = String::new();
@@ -285,10 +279,7 @@ mod tests {
                 scope: Some("repository:a/b:pull,push".into()),
             }
         );
-        assert_eq!(
-            Challenge::parse(r#"Basic realm="x""#),
-            Some(Challenge::Basic)
-        );
+        assert_eq!(Challenge::parse(r#"Basic realm="x""#), Some(Challenge::Basic));
         assert_eq!(Challenge::parse("Negotiate"), None);
     }
 
@@ -318,10 +309,6 @@ mod tests {
         assert_eq!(creds["docker.io"].username, "bob");
         assert_eq!(creds["127.0.0.1:5000"].identity_token, "refresh-me");
         assert!(creds["docker.io"].applies_to("index.docker.io"));
-        assert!(
-            load_auth_file(&dir.path().join("none.json"))
-                .unwrap()
-                .is_empty()
-        );
+        assert!(load_auth_file(&dir.path().join("none.json")).unwrap().is_empty());
     }
 }

@@ -56,8 +56,7 @@ pub(super) struct Catalog {
 impl Catalog {
     pub fn load(paths: &Paths) -> Result<Catalog, ImageError> {
         for dir in [&paths.images, &paths.blobs, &paths.snapshots] {
-            crate::sys::fs::ensure_dir(dir, 0o700)
-                .map_err(io_error(format!("creating {}", dir.display())))?;
+            crate::sys::fs::ensure_dir(dir, 0o700).map_err(io_error(format!("creating {}", dir.display())))?;
         }
         // Whatever a crashed daemon left half-done.
         crate::sys::fs::remove_tree(&paths.tmp).map_err(io_error("emptying tmp"))?;
@@ -73,9 +72,8 @@ impl Catalog {
             }
             match std::fs::read(&path)
                 .map_err(|e| e.to_string())
-                .and_then(|bytes| {
-                    serde_json::from_slice::<ImageRecord>(&bytes).map_err(|e| e.to_string())
-                }) {
+                .and_then(|bytes| serde_json::from_slice::<ImageRecord>(&bytes).map_err(|e| e.to_string()))
+            {
                 Ok(record) => {
                     catalog.images.insert(record.id.clone(), record);
                 }
@@ -118,10 +116,7 @@ impl Catalog {
             .images
             .values()
             .filter(|r| {
-                !self.blobs.contains_key(&r.id)
-                    || r.layers
-                        .iter()
-                        .any(|l| !self.snapshots.contains_key(&l.diff_id))
+                !self.blobs.contains_key(&r.id) || r.layers.iter().any(|l| !self.snapshots.contains_key(&l.diff_id))
             })
             .map(|r| r.id.clone())
             .collect();
@@ -171,9 +166,7 @@ impl Catalog {
             let found = match &reference.digest {
                 Some(digest) => {
                     let wanted = reference.digested_name(digest);
-                    self.images
-                        .values()
-                        .find(|r| r.repo_digests.contains(&wanted))
+                    self.images.values().find(|r| r.repo_digests.contains(&wanted))
                 }
                 None => {
                     let wanted = reference.tagged_name();
@@ -188,10 +181,7 @@ impl Catalog {
         }
         let prefix = digest_hex(image);
         if prefix.len() >= 3 && prefix.bytes().all(|b| b.is_ascii_hexdigit()) {
-            let mut matches = self
-                .images
-                .values()
-                .filter(|r| digest_hex(&r.id).starts_with(prefix));
+            let mut matches = self.images.values().filter(|r| digest_hex(&r.id).starts_with(prefix));
             if let Some(first) = matches.next() {
                 if matches.next().is_some() {
                     return Err(ImageError::Ambiguous(image.to_string()));
@@ -220,8 +210,7 @@ impl Catalog {
         }
         let mut changed = Vec::new();
         for other in self.images.values() {
-            if other.id != record.id && other.repo_tags.iter().any(|t| record.repo_tags.contains(t))
-            {
+            if other.id != record.id && other.repo_tags.iter().any(|t| record.repo_tags.contains(t)) {
                 let mut other = other.clone();
                 other.repo_tags.retain(|t| !record.repo_tags.contains(t));
                 changed.push(other);
@@ -269,11 +258,9 @@ impl Catalog {
             .map(|d| (d, paths.blob(d)))
             .chain(unused_snapshots.iter().map(|d| (d, paths.snapshot(d))))
         {
-            let target = paths.tmp.join(format!(
-                "gc-{}-{}",
-                digest_hex(digest),
-                rand::random::<u32>()
-            ));
+            let target = paths
+                .tmp
+                .join(format!("gc-{}-{}", digest_hex(digest), rand::random::<u32>()));
             match std::fs::rename(&source, &target) {
                 Ok(()) => doomed.push(target),
                 Err(err) if err.kind() == std::io::ErrorKind::NotFound => {}

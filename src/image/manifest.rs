@@ -5,9 +5,7 @@ use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 
-use super::registry::{
-    MEDIA_DOCKER_LIST, MEDIA_DOCKER_MANIFEST, MEDIA_OCI_INDEX, MEDIA_OCI_MANIFEST,
-};
+use super::registry::{MEDIA_DOCKER_LIST, MEDIA_DOCKER_MANIFEST, MEDIA_OCI_INDEX, MEDIA_OCI_MANIFEST};
 use super::unpack::Compression;
 
 const MEDIA_OCI_CONFIG: &str = "application/vnd.oci.image.config.v1+json";
@@ -77,16 +75,12 @@ pub fn parse_index(bytes: &[u8]) -> Result<Index, ManifestError> {
 }
 
 pub fn parse_manifest(bytes: &[u8]) -> Result<Manifest, ManifestError> {
-    let manifest: Manifest =
-        serde_json::from_slice(bytes).map_err(|err| ManifestError::Malformed {
-            what: "image manifest",
-            message: err.to_string(),
-        })?;
+    let manifest: Manifest = serde_json::from_slice(bytes).map_err(|err| ManifestError::Malformed {
+        what: "image manifest",
+        message: err.to_string(),
+    })?;
     let config_type = manifest.config.media_type.as_str();
-    if !config_type.is_empty()
-        && config_type != MEDIA_OCI_CONFIG
-        && config_type != MEDIA_DOCKER_CONFIG
-    {
+    if !config_type.is_empty() && config_type != MEDIA_OCI_CONFIG && config_type != MEDIA_DOCKER_CONFIG {
         return Err(ManifestError::UnsupportedConfig(config_type.to_string()));
     }
     for layer in &manifest.layers {
@@ -192,17 +186,10 @@ pub fn parse_config(bytes: &[u8]) -> Result<(ImageConfig, Vec<String>), Manifest
         stop_signal: runtime.stop_signal.unwrap_or_default(),
         labels: runtime.labels.unwrap_or_default(),
         volumes: runtime.volumes.unwrap_or_default().into_keys().collect(),
-        exposed_ports: runtime
-            .exposed_ports
-            .unwrap_or_default()
-            .into_keys()
-            .collect(),
+        exposed_ports: runtime.exposed_ports.unwrap_or_default().into_keys().collect(),
     };
     let diff_ids = file.rootfs.unwrap_or_default().diff_ids;
-    if let Some(bad) = diff_ids
-        .iter()
-        .find(|d| !super::reference::is_valid_digest(d))
-    {
+    if let Some(bad) = diff_ids.iter().find(|d| !super::reference::is_valid_digest(d)) {
         return Err(ManifestError::Malformed {
             what: "image config",
             message: format!("diff id {bad:?} is not a sha256 digest"),

@@ -62,9 +62,7 @@ pub enum ImageError {
         #[source]
         source: unpack::UnpackError,
     },
-    #[error(
-        "layer {digest} of {image} does not match its config: expected diff id {expected}, got {actual}"
-    )]
+    #[error("layer {digest} of {image} does not match its config: expected diff id {expected}, got {actual}")]
     DiffIdMismatch {
         image: String,
         digest: String,
@@ -211,14 +209,10 @@ impl ImageStore {
         self.list()
             .into_iter()
             .filter(|record| {
-                record
-                    .repo_tags
-                    .iter()
-                    .chain(&record.repo_digests)
-                    .any(|n| {
-                        n.strip_prefix(&repository)
-                            .is_some_and(|rest| rest.starts_with(':') || rest.starts_with('@'))
-                    })
+                record.repo_tags.iter().chain(&record.repo_digests).any(|n| {
+                    n.strip_prefix(&repository)
+                        .is_some_and(|rest| rest.starts_with(':') || rest.starts_with('@'))
+                })
             })
             .collect()
     }
@@ -273,15 +267,8 @@ impl ImageStore {
     /// Moves every blob and snapshot no image (and no pull in flight) refers to
     /// out of the store, then deletes it in the background.
     fn collect_garbage_now(&self) -> Result<(), ImageError> {
-        let leases = self
-            .inner
-            .leases
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .clone();
-        let doomed = self
-            .catalog()
-            .take_unreferenced(&self.inner.paths, &leases)?;
+        let leases = self.inner.leases.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        let doomed = self.catalog().take_unreferenced(&self.inner.paths, &leases)?;
         if !doomed.is_empty() {
             tracing::debug!(count = doomed.len(), "freeing unused image content");
             let delete = move || {
@@ -322,11 +309,7 @@ impl ImageStore {
     ///
     /// The pull runs as a task of its own: a caller that gives up (a kubelet
     /// deadline) does not abort it halfway, and its retry finds the work done.
-    pub async fn pull(
-        &self,
-        image: &str,
-        creds: Option<&Credentials>,
-    ) -> Result<ImageRecord, ImageError> {
+    pub async fn pull(&self, image: &str, creds: Option<&Credentials>) -> Result<ImageRecord, ImageError> {
         let store = self.clone();
         let image = image.to_string();
         let creds = creds.cloned();
@@ -335,11 +318,7 @@ impl ImageStore {
             .map_err(|err| io_error("pull task")(std::io::Error::other(err.to_string())))?
     }
 
-    async fn pull_now(
-        &self,
-        image: &str,
-        creds: Option<&Credentials>,
-    ) -> Result<ImageRecord, ImageError> {
+    async fn pull_now(&self, image: &str, creds: Option<&Credentials>) -> Result<ImageRecord, ImageError> {
         let reference = Reference::parse(image)?;
         let keychain = auth::Keychain {
             request: creds.cloned(),

@@ -75,12 +75,7 @@ impl<'a> Lease<'a> {
     }
 
     fn add(&mut self, digest: &str) {
-        let mut leases = self
-            .store
-            .inner
-            .leases
-            .lock()
-            .unwrap_or_else(|e| e.into_inner());
+        let mut leases = self.store.inner.leases.lock().unwrap_or_else(|e| e.into_inner());
         *leases.entry(digest.to_string()).or_default() += 1;
         self.digests.push(digest.to_string());
     }
@@ -88,12 +83,7 @@ impl<'a> Lease<'a> {
 
 impl Drop for Lease<'_> {
     fn drop(&mut self) {
-        let mut leases = self
-            .store
-            .inner
-            .leases
-            .lock()
-            .unwrap_or_else(|e| e.into_inner());
+        let mut leases = self.store.inner.leases.lock().unwrap_or_else(|e| e.into_inner());
         for digest in &self.digests {
             if let Some(count) = leases.get_mut(digest) {
                 *count -= 1;
@@ -125,11 +115,7 @@ impl PullContext<'_> {
     }
 
     fn emit(&self, kind: PullEventKind) {
-        let _ = self
-            .store
-            .inner
-            .progress
-            .send(PullEvent::new(self.reference, kind));
+        let _ = self.store.inner.progress.send(PullEvent::new(self.reference, kind));
     }
 }
 
@@ -140,13 +126,14 @@ pub(super) async fn pull(
 ) -> Result<ImageRecord, ImageError> {
     let client = store.client()?;
     let image = reference.to_string();
-    let (endpoint, top) = client
-        .fetch_top_manifest(reference, keychain)
-        .await
-        .map_err(|source| ImageError::Registry {
-            image: image.clone(),
-            source,
-        })?;
+    let (endpoint, top) =
+        client
+            .fetch_top_manifest(reference, keychain)
+            .await
+            .map_err(|source| ImageError::Registry {
+                image: image.clone(),
+                source,
+            })?;
     let ctx = PullContext {
         store,
         reference,
@@ -167,24 +154,15 @@ pub(super) async fn pull(
         ManifestKind::Index => {
             let index = manifest::parse_index(&top.bytes).map_err(manifest_error)?;
             let platform = manifest::node_platform();
-            let chosen = manifest::select_platform(&index, &platform).ok_or_else(|| {
-                ImageError::NoPlatform {
-                    image: image.clone(),
-                    platform: format!("{}/{}", platform.os, platform.architecture),
-                }
+            let chosen = manifest::select_platform(&index, &platform).ok_or_else(|| ImageError::NoPlatform {
+                image: image.clone(),
+                platform: format!("{}/{}", platform.os, platform.architecture),
             })?;
             let fetched = client
-                .fetch_manifest(
-                    &ctx.endpoint,
-                    &reference.repository,
-                    &chosen.digest,
-                    keychain,
-                )
+                .fetch_manifest(&ctx.endpoint, &reference.repository, &chosen.digest, keychain)
                 .await
                 .map_err(|e| ctx.registry_error(e))?;
-            if let ManifestKind::Index =
-                manifest::kind_of(&fetched.media_type).map_err(manifest_error)?
-            {
+            if let ManifestKind::Index = manifest::kind_of(&fetched.media_type).map_err(manifest_error)? {
                 return Err(manifest_error(manifest::ManifestError::Malformed {
                     what: "image index",
                     message: "an index entry for this platform points to another index".into(),
@@ -203,12 +181,10 @@ pub(super) async fn pull(
     let config_bytes = fetch_config(&ctx, &parsed.config).await?;
     let (config, diff_ids) = manifest::parse_config(&config_bytes).map_err(manifest_error)?;
     if diff_ids.len() != parsed.layers.len() {
-        return Err(manifest_error(
-            manifest::ManifestError::LayerCountMismatch {
-                diff_ids: diff_ids.len(),
-                layers: parsed.layers.len(),
-            },
-        ));
+        return Err(manifest_error(manifest::ManifestError::LayerCountMismatch {
+            diff_ids: diff_ids.len(),
+            layers: parsed.layers.len(),
+        }));
     }
     for diff_id in &diff_ids {
         lease.add(diff_id);
@@ -228,12 +204,7 @@ pub(super) async fn pull(
     ));
     let concurrency = store.inner.config.max_concurrent_downloads;
     let ctx = &ctx;
-    let work: Vec<(Descriptor, String)> = parsed
-        .layers
-        .iter()
-        .cloned()
-        .zip(diff_ids.iter().cloned())
-        .collect();
+    let work: Vec<(Descriptor, String)> = parsed.layers.iter().cloned().zip(diff_ids.iter().cloned()).collect();
     futures_util::stream::iter(work)
         .map(|(layer, diff_id)| async move { ensure_snapshot(ctx, &layer, &diff_id).await })
         .buffer_unordered(concurrency)
@@ -271,22 +242,14 @@ async fn commit(store: &ImageStore, record: ImageRecord) -> Result<ImageRecord, 
     // The catalog changes only once the disk agrees.
     let changed = store.catalog().plan_commit(record);
     for changed_record in &changed {
-        crate::sys::fs::atomic_write_json(
-            &store.inner.paths.record(&changed_record.id),
-            changed_record,
-        )
-        .map_err(io_error("writing image record"))?;
+        crate::sys::fs::atomic_write_json(&store.inner.paths.record(&changed_record.id), changed_record)
+            .map_err(io_error("writing image record"))?;
     }
     let mut catalog = store.catalog();
     for changed_record in &changed {
-        catalog
-            .images
-            .insert(changed_record.id.clone(), changed_record.clone());
+        catalog.images.insert(changed_record.id.clone(), changed_record.clone());
     }
-    let record = changed
-        .into_iter()
-        .next()
-        .expect("commit returns the new record first");
+    let record = changed.into_iter().next().expect("commit returns the new record first");
     tracing::info!(image = %record.id, tags = ?record.repo_tags, "image pulled");
     Ok(record)
 }
@@ -304,16 +267,12 @@ fn store_small_blob(store: &ImageStore, fetched: &FetchedManifest) -> Result<(),
     Ok(())
 }
 
-async fn fetch_config(
-    ctx: &PullContext<'_>,
-    descriptor: &Descriptor,
-) -> Result<Vec<u8>, ImageError> {
+async fn fetch_config(ctx: &PullContext<'_>, descriptor: &Descriptor) -> Result<Vec<u8>, ImageError> {
     let store = ctx.store;
     let digest = &descriptor.digest;
     let _fetching = store.inner.fetch_locks.lock(digest).await;
     if store.catalog().blobs.contains_key(digest) {
-        return std::fs::read(store.inner.paths.blob(digest))
-            .map_err(io_error("reading image config"));
+        return std::fs::read(store.inner.paths.blob(digest)).map_err(io_error("reading image config"));
     }
     let bytes = store
         .client()?
@@ -326,21 +285,13 @@ async fn fetch_config(
         )
         .await
         .map_err(|e| ctx.registry_error(e))?;
-    crate::sys::fs::atomic_write(&store.inner.paths.blob(digest), &bytes)
-        .map_err(io_error("writing image config"))?;
-    store
-        .catalog()
-        .blobs
-        .insert(digest.clone(), bytes.len() as u64);
+    crate::sys::fs::atomic_write(&store.inner.paths.blob(digest), &bytes).map_err(io_error("writing image config"))?;
+    store.catalog().blobs.insert(digest.clone(), bytes.len() as u64);
     Ok(bytes)
 }
 
 /// Makes sure the snapshot of one layer exists, downloading it if needed.
-async fn ensure_snapshot(
-    ctx: &PullContext<'_>,
-    layer: &Descriptor,
-    diff_id: &str,
-) -> Result<(), ImageError> {
+async fn ensure_snapshot(ctx: &PullContext<'_>, layer: &Descriptor, diff_id: &str) -> Result<(), ImageError> {
     let store = ctx.store;
     let _fetching = store.inner.fetch_locks.lock(diff_id).await;
     let progress = |state, downloaded| {
@@ -400,12 +351,7 @@ async fn download_snapshot(
 
     let response = store
         .client()?
-        .fetch_blob(
-            &ctx.endpoint,
-            &ctx.reference.repository,
-            &layer.digest,
-            ctx.keychain,
-        )
+        .fetch_blob(&ctx.endpoint, &ctx.reference.repository, &layer.digest, ctx.keychain)
         .await
         .map_err(|e| ctx.registry_error(e))?;
     progress(LayerState::Downloading, 0);
@@ -446,10 +392,7 @@ async fn download_snapshot(
             }
             Err(source) => {
                 let _ = sender
-                    .send(Err(io::Error::new(
-                        io::ErrorKind::UnexpectedEof,
-                        "download broke off",
-                    )))
+                    .send(Err(io::Error::new(io::ErrorKind::UnexpectedEof, "download broke off")))
                     .await;
                 stream_error = Some(ctx.registry_error(RegistryError::Unreachable {
                     url: ctx.endpoint.base.clone(),
@@ -503,10 +446,8 @@ async fn download_snapshot(
         diff_id: diff_id.to_string(),
         usage,
     };
-    crate::sys::fs::atomic_write_json(&work.join("meta.json"), &meta)
-        .map_err(io_error("writing snapshot metadata"))?;
-    std::fs::rename(work, store.inner.paths.snapshot(diff_id))
-        .map_err(io_error("committing snapshot"))?;
+    crate::sys::fs::atomic_write_json(&work.join("meta.json"), &meta).map_err(io_error("writing snapshot metadata"))?;
+    std::fs::rename(work, store.inner.paths.snapshot(diff_id)).map_err(io_error("committing snapshot"))?;
     store.catalog().snapshots.insert(diff_id.to_string(), usage);
     progress(LayerState::Done, downloaded);
     Ok(())
@@ -569,10 +510,7 @@ impl<R: Read> HashingReader<R> {
     }
 
     fn finish(self) -> (String, u64) {
-        (
-            format!("sha256:{}", hex::encode(self.hasher.finalize())),
-            self.count,
-        )
+        (format!("sha256:{}", hex::encode(self.hasher.finalize())), self.count)
     }
 }
 

@@ -39,9 +39,7 @@ impl Reference {
         let (rest, digest) = match input.split_once('@') {
             Some((rest, digest)) => {
                 if !is_valid_digest(digest) {
-                    return Err(fail(
-                        "digest must be sha256: followed by 64 lowercase hex digits",
-                    ));
+                    return Err(fail("digest must be sha256: followed by 64 lowercase hex digits"));
                 }
                 (rest, Some(digest.to_string()))
             }
@@ -60,9 +58,7 @@ impl Reference {
             None => (rest, None),
         };
         let (mut registry, mut repository) = match name.split_once('/') {
-            Some((first, path))
-                if first.contains('.') || first.contains(':') || first == "localhost" =>
-            {
+            Some((first, path)) if first.contains('.') || first.contains(':') || first == "localhost" => {
                 (first.to_string(), path.to_string())
             }
             _ => (DEFAULT_REGISTRY.to_string(), name.to_string()),
@@ -100,9 +96,7 @@ impl Reference {
 
     /// `docker.io/library/busybox:latest`, when the reference has a tag.
     pub fn tagged_name(&self) -> Option<String> {
-        self.tag
-            .as_ref()
-            .map(|tag| format!("{}:{tag}", self.name()))
+        self.tag.as_ref().map(|tag| format!("{}:{tag}", self.name()))
     }
 
     /// `docker.io/library/busybox@sha256:...` for the given manifest digest.
@@ -112,10 +106,7 @@ impl Reference {
 
     /// What to ask the registry for: the digest when pinned, otherwise the tag.
     pub fn manifest_reference(&self) -> &str {
-        self.digest
-            .as_deref()
-            .or(self.tag.as_deref())
-            .unwrap_or(DEFAULT_TAG)
+        self.digest.as_deref().or(self.tag.as_deref()).unwrap_or(DEFAULT_TAG)
     }
 }
 
@@ -133,9 +124,9 @@ impl fmt::Display for Reference {
 }
 
 pub fn is_valid_digest(digest: &str) -> bool {
-    digest.strip_prefix("sha256:").is_some_and(|hex| {
-        hex.len() == 64 && hex.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
-    })
+    digest
+        .strip_prefix("sha256:")
+        .is_some_and(|hex| hex.len() == 64 && hex.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f')))
 }
 
 fn is_valid_tag(tag: &str) -> bool {
@@ -155,9 +146,9 @@ fn is_valid_registry(host: &str) -> bool {
             Some((addr, "")) => addr.parse::<std::net::Ipv6Addr>().is_ok(),
             Some((addr, tail)) => {
                 addr.parse::<std::net::Ipv6Addr>().is_ok()
-                    && tail.strip_prefix(':').is_some_and(|p| {
-                        !p.is_empty() && p.len() <= 5 && p.bytes().all(|b| b.is_ascii_digit())
-                    })
+                    && tail
+                        .strip_prefix(':')
+                        .is_some_and(|p| !p.is_empty() && p.len() <= 5 && p.bytes().all(|b| b.is_ascii_digit()))
             }
             None => false,
         };
@@ -167,8 +158,7 @@ fn is_valid_registry(host: &str) -> bool {
             None => (host, None),
         }
     };
-    let port_ok =
-        port.is_none_or(|p| !p.is_empty() && p.len() <= 5 && p.bytes().all(|b| b.is_ascii_digit()));
+    let port_ok = port.is_none_or(|p| !p.is_empty() && p.len() <= 5 && p.bytes().all(|b| b.is_ascii_digit()));
     let name_ok = !name.is_empty()
         && name
             .bytes()
@@ -193,10 +183,7 @@ fn is_valid_path_component(component: &str) -> bool {
             i += 1;
         }
         let separator = &component[start..i];
-        let ok = separator == "."
-            || separator == "_"
-            || separator == "__"
-            || separator.bytes().all(|b| b == b'-');
+        let ok = separator == "." || separator == "_" || separator == "__" || separator.bytes().all(|b| b == b'-');
         if !ok {
             return false;
         }
@@ -222,14 +209,8 @@ mod tests {
         assert_eq!(full("busybox:1.36"), "docker.io/library/busybox:1.36");
         assert_eq!(full("library/busybox"), "docker.io/library/busybox:latest");
         assert_eq!(full("user/app"), "docker.io/user/app:latest");
-        assert_eq!(
-            full("index.docker.io/user/app"),
-            "docker.io/user/app:latest"
-        );
-        assert_eq!(
-            full("registry.k8s.io/pause:3.10"),
-            "registry.k8s.io/pause:3.10"
-        );
+        assert_eq!(full("index.docker.io/user/app"), "docker.io/user/app:latest");
+        assert_eq!(full("registry.k8s.io/pause:3.10"), "registry.k8s.io/pause:3.10");
         assert_eq!(full("localhost/app"), "localhost/app:latest");
         assert_eq!(full("127.0.0.1:5000/a/b/c:v1"), "127.0.0.1:5000/a/b/c:v1");
         assert_eq!(full("[::1]:5000/app:v1"), "[::1]:5000/app:v1");
@@ -243,15 +224,8 @@ mod tests {
         assert_eq!(r.manifest_reference(), digest);
         let r = Reference::parse(&format!("busybox:1.0@{digest}")).unwrap();
         assert_eq!(r.tag.as_deref(), Some("1.0"));
-        assert_eq!(
-            r.manifest_reference(),
-            digest,
-            "the digest wins over the tag"
-        );
-        assert_eq!(
-            r.to_string(),
-            format!("docker.io/library/busybox:1.0@{digest}")
-        );
+        assert_eq!(r.manifest_reference(), digest, "the digest wins over the tag");
+        assert_eq!(r.to_string(), format!("docker.io/library/busybox:1.0@{digest}"));
     }
 
     #[test]

@@ -84,10 +84,7 @@ impl RegistryError {
 
     /// Whether another endpoint (the next mirror or the origin) may do better.
     fn try_next_endpoint(&self) -> bool {
-        !matches!(
-            self,
-            RegistryError::Mismatch { .. } | RegistryError::Invalid { .. }
-        )
+        !matches!(self, RegistryError::Mismatch { .. } | RegistryError::Invalid { .. })
     }
 }
 
@@ -224,22 +221,11 @@ impl RegistryClient {
         tag_or_digest: &str,
         keychain: &Keychain,
     ) -> Result<FetchedManifest, RegistryError> {
-        let separator = if is_valid_digest(tag_or_digest) {
-            '@'
-        } else {
-            ':'
-        };
+        let separator = if is_valid_digest(tag_or_digest) { '@' } else { ':' };
         let what = format!("manifest {repository}{separator}{tag_or_digest}");
         let path = format!("manifests/{tag_or_digest}");
         let response = self
-            .get(
-                endpoint,
-                repository,
-                &path,
-                Some(MANIFEST_ACCEPT),
-                keychain,
-                &what,
-            )
+            .get(endpoint, repository, &path, Some(MANIFEST_ACCEPT), keychain, &what)
             .await?;
         let header_type = response
             .headers()
@@ -252,13 +238,10 @@ impl RegistryClient {
         {
             return Err(invalid(&what, "manifest is larger than 4 MiB"));
         }
-        let bytes = response
-            .bytes()
-            .await
-            .map_err(|source| RegistryError::Unreachable {
-                url: endpoint.base.clone(),
-                source,
-            })?;
+        let bytes = response.bytes().await.map_err(|source| RegistryError::Unreachable {
+            url: endpoint.base.clone(),
+            source,
+        })?;
         if bytes.len() > MAX_MANIFEST_BYTES {
             return Err(invalid(&what, "manifest is larger than 4 MiB"));
         }
@@ -289,15 +272,8 @@ impl RegistryClient {
         keychain: &Keychain,
     ) -> Result<reqwest::Response, RegistryError> {
         let what = format!("blob {digest}");
-        self.get(
-            endpoint,
-            repository,
-            &format!("blobs/{digest}"),
-            None,
-            keychain,
-            &what,
-        )
-        .await
+        self.get(endpoint, repository, &format!("blobs/{digest}"), None, keychain, &what)
+            .await
     }
 
     /// Fetches a small blob (a config) fully and verifies digest and size.
@@ -313,16 +289,11 @@ impl RegistryClient {
         if size as usize > MAX_MANIFEST_BYTES {
             return Err(invalid(&what, "config blob is larger than 4 MiB"));
         }
-        let response = self
-            .fetch_blob(endpoint, repository, digest, keychain)
-            .await?;
-        let bytes = response
-            .bytes()
-            .await
-            .map_err(|source| RegistryError::Unreachable {
-                url: endpoint.base.clone(),
-                source,
-            })?;
+        let response = self.fetch_blob(endpoint, repository, digest, keychain).await?;
+        let bytes = response.bytes().await.map_err(|source| RegistryError::Unreachable {
+            url: endpoint.base.clone(),
+            source,
+        })?;
         verify_blob(&what, digest, size, &bytes)?;
         Ok(bytes.to_vec())
     }
@@ -384,14 +355,13 @@ impl RegistryClient {
                             .and_then(Challenge::parse);
                         if let Some(challenge) = challenge {
                             authenticated = true;
-                            self.authenticate(endpoint, &cache_key, &challenge, creds, what)
-                                .await?;
+                            self.authenticate(endpoint, &cache_key, &challenge, creds, what).await?;
                             attempt -= 1;
                             continue;
                         }
                     }
-                    let retryable = status == StatusCode::TOO_MANY_REQUESTS
-                        || matches!(status.as_u16(), 500 | 502 | 503 | 504);
+                    let retryable =
+                        status == StatusCode::TOO_MANY_REQUESTS || matches!(status.as_u16(), 500 | 502 | 503 | 504);
                     if !retryable || attempt >= self.config.attempts {
                         return Err(status_error(endpoint, what, response).await);
                     }
@@ -399,13 +369,7 @@ impl RegistryClient {
                 }
             };
             let delay = Duration::from_millis(100 << (attempt - 1).min(6));
-            tracing::debug!(
-                url,
-                attempt,
-                reason = retry_reason,
-                ?delay,
-                "retrying registry request"
-            );
+            tracing::debug!(url, attempt, reason = retry_reason, ?delay, "retrying registry request");
             tokio::time::sleep(delay).await;
         }
     }
@@ -436,9 +400,7 @@ impl RegistryClient {
         let (header, lifetime) = match challenge {
             Challenge::Basic => {
                 let header = creds.and_then(Credentials::basic_header).ok_or_else(|| {
-                    unauthorized(
-                        "the registry asks for a user name and password and none were given",
-                    )
+                    unauthorized("the registry asks for a user name and password and none were given")
                 })?;
                 (header, Duration::from_secs(3600))
             }
@@ -509,32 +471,27 @@ impl RegistryClient {
                 }
             }
         };
-        let response = request
-            .send()
-            .await
-            .map_err(|source| RegistryError::Unreachable {
-                url: realm.to_string(),
-                source,
-            })?;
+        let response = request.send().await.map_err(|source| RegistryError::Unreachable {
+            url: realm.to_string(),
+            source,
+        })?;
         if !response.status().is_success() {
             let status = response.status();
             let message = registry_message(response).await;
-            return Err(
-                if matches!(status, StatusCode::UNAUTHORIZED | StatusCode::FORBIDDEN) {
-                    RegistryError::Unauthorized {
-                        what: what.to_string(),
-                        host: endpoint.host.clone(),
-                        message: format!("token server: {message}"),
-                    }
-                } else {
-                    RegistryError::Status {
-                        what: format!("token for {what}"),
-                        host: endpoint.host.clone(),
-                        status: status.as_u16(),
-                        message,
-                    }
-                },
-            );
+            return Err(if matches!(status, StatusCode::UNAUTHORIZED | StatusCode::FORBIDDEN) {
+                RegistryError::Unauthorized {
+                    what: what.to_string(),
+                    host: endpoint.host.clone(),
+                    message: format!("token server: {message}"),
+                }
+            } else {
+                RegistryError::Status {
+                    what: format!("token for {what}"),
+                    host: endpoint.host.clone(),
+                    status: status.as_u16(),
+                    message,
+                }
+            });
         }
         #[derive(serde::Deserialize)]
         struct TokenAnswer {
@@ -545,12 +502,10 @@ impl RegistryClient {
             #[serde(default)]
             expires_in: Option<u64>,
         }
-        let answer: TokenAnswer = response.json().await.map_err(|err| {
-            invalid(
-                what,
-                &format!("token server answered with unreadable JSON: {err}"),
-            )
-        })?;
+        let answer: TokenAnswer = response
+            .json()
+            .await
+            .map_err(|err| invalid(what, &format!("token server answered with unreadable JSON: {err}")))?;
         let token = if answer.token.is_empty() {
             answer.access_token
         } else {
@@ -560,33 +515,18 @@ impl RegistryClient {
             return Err(invalid(what, "token server answered without a token"));
         }
         // 60 s is the lifetime the distribution spec assumes when none is given.
-        Ok((
-            token,
-            Duration::from_secs(answer.expires_in.unwrap_or(60).max(1)),
-        ))
+        Ok((token, Duration::from_secs(answer.expires_in.unwrap_or(60).max(1))))
     }
 }
 
-async fn status_error(
-    endpoint: &Endpoint,
-    what: &str,
-    response: reqwest::Response,
-) -> RegistryError {
+async fn status_error(endpoint: &Endpoint, what: &str, response: reqwest::Response) -> RegistryError {
     let status = response.status();
     let message = registry_message(response).await;
     let what = what.to_string();
     let host = endpoint.host.clone();
     match status {
-        StatusCode::NOT_FOUND => RegistryError::NotFound {
-            what,
-            host,
-            message,
-        },
-        StatusCode::UNAUTHORIZED | StatusCode::FORBIDDEN => RegistryError::Unauthorized {
-            what,
-            host,
-            message,
-        },
+        StatusCode::NOT_FOUND => RegistryError::NotFound { what, host, message },
+        StatusCode::UNAUTHORIZED | StatusCode::FORBIDDEN => RegistryError::Unauthorized { what, host, message },
         _ => RegistryError::Status {
             what,
             host,
@@ -624,10 +564,7 @@ async fn registry_message(response: reqwest::Response) -> String {
     }
     let text = String::from_utf8_lossy(body).trim().to_string();
     if text.is_empty() {
-        status
-            .canonical_reason()
-            .unwrap_or("no message")
-            .to_string()
+        status.canonical_reason().unwrap_or("no message").to_string()
     } else {
         text
     }
@@ -719,38 +656,17 @@ mod tests {
             .insert("docker.io".into(), vec!["http://127.0.0.1:5000/".into()]);
         config.insecure.push("myregistry.local:5000".into());
         let client = client(config);
-        let bases: Vec<_> = client
-            .endpoints("docker.io")
-            .into_iter()
-            .map(|e| e.base)
-            .collect();
-        assert_eq!(
-            bases,
-            ["http://127.0.0.1:5000", "https://registry-1.docker.io"]
-        );
+        let bases: Vec<_> = client.endpoints("docker.io").into_iter().map(|e| e.base).collect();
+        assert_eq!(bases, ["http://127.0.0.1:5000", "https://registry-1.docker.io"]);
         let bases: Vec<_> = client
             .endpoints("myregistry.local:5000")
             .into_iter()
             .map(|e| e.base)
             .collect();
-        assert_eq!(
-            bases,
-            [
-                "https://myregistry.local:5000",
-                "http://myregistry.local:5000"
-            ]
-        );
-        let bases: Vec<_> = client
-            .endpoints("localhost:5000")
-            .into_iter()
-            .map(|e| e.base)
-            .collect();
+        assert_eq!(bases, ["https://myregistry.local:5000", "http://myregistry.local:5000"]);
+        let bases: Vec<_> = client.endpoints("localhost:5000").into_iter().map(|e| e.base).collect();
         assert_eq!(bases, ["http://localhost:5000"]);
-        let bases: Vec<_> = client
-            .endpoints("quay.io")
-            .into_iter()
-            .map(|e| e.base)
-            .collect();
+        let bases: Vec<_> = client.endpoints("quay.io").into_iter().map(|e| e.base).collect();
         assert_eq!(bases, ["https://quay.io"]);
     }
 
@@ -765,10 +681,7 @@ mod tests {
             Some(MEDIA_OCI_MANIFEST)
         );
         assert_eq!(
-            manifest_media_type(
-                br#"{"mediaType":"application/vnd.docker.distribution.manifest.v2+json"}"#
-            )
-            .as_deref(),
+            manifest_media_type(br#"{"mediaType":"application/vnd.docker.distribution.manifest.v2+json"}"#).as_deref(),
             Some(MEDIA_DOCKER_MANIFEST)
         );
     }

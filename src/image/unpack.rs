@@ -46,8 +46,7 @@ const PAX_XATTR_PREFIX: &str = "SCHILY.xattr.";
 const OVERLAY_XATTR_PREFIXES: [&str; 2] = ["trusted.overlay.", "user.overlay."];
 
 const ESCAPES_THROUGH_SYMLINK: &str = "path escapes the layer root through a symlink";
-const LINK_ESCAPES_THROUGH_SYMLINK: &str =
-    "hard link target escapes the layer root through a symlink";
+const LINK_ESCAPES_THROUGH_SYMLINK: &str = "hard link target escapes the layer root through a symlink";
 
 /// How a layer blob is compressed.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -67,13 +66,9 @@ impl Compression {
             "application/vnd.oci.image.layer.v1.tar+gzip"
             | "application/vnd.oci.image.layer.nondistributable.v1.tar+gzip"
             | "application/vnd.docker.image.rootfs.diff.tar.gzip"
-            | "application/vnd.docker.image.rootfs.foreign.diff.tar.gzip" => {
-                Some(Compression::Gzip)
-            }
+            | "application/vnd.docker.image.rootfs.foreign.diff.tar.gzip" => Some(Compression::Gzip),
             "application/vnd.oci.image.layer.v1.tar+zstd"
-            | "application/vnd.oci.image.layer.nondistributable.v1.tar+zstd" => {
-                Some(Compression::Zstd)
-            }
+            | "application/vnd.oci.image.layer.nondistributable.v1.tar+zstd" => Some(Compression::Zstd),
             _ => None,
         }
     }
@@ -126,11 +121,7 @@ impl UnpackError {
 
 /// Unpacks one layer (compressed stream `reader`) into `dest`, an existing empty directory,
 /// producing an overlayfs-ready lower dir.
-pub fn unpack_layer(
-    reader: impl Read,
-    compression: Compression,
-    dest: &Path,
-) -> Result<UnpackStats, UnpackError> {
+pub fn unpack_layer(reader: impl Read, compression: Compression, dest: &Path) -> Result<UnpackStats, UnpackError> {
     let source_failed = Rc::new(Cell::new(false));
     let source = BufReader::with_capacity(
         SOURCE_BUFFER,
@@ -142,13 +133,15 @@ pub fn unpack_layer(
     let tar_stream: Box<dyn Read + '_> = match compression {
         Compression::None => Box::new(source),
         Compression::Gzip => Box::new(flate2::bufread::MultiGzDecoder::new(source)),
-        Compression::Zstd => Box::new(zstd::stream::read::Decoder::with_buffer(source).map_err(
-            |source| UnpackError::Io {
-                op: "set up a zstd decoder for",
-                path: dest.display().to_string(),
-                source,
-            },
-        )?),
+        Compression::Zstd => {
+            Box::new(
+                zstd::stream::read::Decoder::with_buffer(source).map_err(|source| UnpackError::Io {
+                    op: "set up a zstd decoder for",
+                    path: dest.display().to_string(),
+                    source,
+                })?,
+            )
+        }
     };
     let digest = DigestReader {
         inner: tar_stream,
@@ -278,8 +271,7 @@ impl Metadata {
         };
         let uid = Uid::from_raw(id(header.uid(), &raw.uid, "uid")?);
         let gid = Gid::from_raw(id(header.gid(), &raw.gid, "gid")?);
-        let mode = numeric_field(header.mode().map(u64::from), &raw.mode)
-            .ok_or_else(|| invalid_field("mode", path))?;
+        let mode = numeric_field(header.mode().map(u64::from), &raw.mode).ok_or_else(|| invalid_field("mode", path))?;
         let mtime = match pax_mtime {
             Some(mtime) => mtime,
             None => numeric_field(header.mtime(), &raw.mtime)
@@ -371,9 +363,7 @@ fn apply_metadata(node: Node<'_>, meta: &Metadata, path: &[u8]) -> Result<(), Un
 
     match node {
         Node::File(fd) | Node::Dir(fd) => stat::fchmod(fd, meta.mode),
-        Node::Special { dir, name } => {
-            stat::fchmodat(dir, name, meta.mode, FchmodatFlags::NoFollowSymlink)
-        }
+        Node::Special { dir, name } => stat::fchmodat(dir, name, meta.mode, FchmodatFlags::NoFollowSymlink),
         Node::Symlink { .. } => Ok(()),
     }
     .map_err(io_error("change the mode of", path))?;
@@ -394,15 +384,7 @@ fn set_xattr(node: Node<'_>, name: &CStr, value: &[u8]) -> io::Result<()> {
         Node::File(fd) | Node::Dir(fd) => {
             // SAFETY: `fd` is open for the duration of the call, `name` is NUL-terminated and
             // `value` is valid for `value.len()` bytes.
-            unsafe {
-                libc::fsetxattr(
-                    fd.as_raw_fd(),
-                    name.as_ptr(),
-                    value.as_ptr().cast(),
-                    value.len(),
-                    0,
-                )
-            }
+            unsafe { libc::fsetxattr(fd.as_raw_fd(), name.as_ptr(), value.as_ptr().cast(), value.len(), 0) }
         }
         Node::Special { dir, name: file } => {
             // Reached through our own directory fd; lsetxattr does not follow the final component.
@@ -411,15 +393,7 @@ fn set_xattr(node: Node<'_>, name: &CStr, value: &[u8]) -> io::Result<()> {
             let proc_path = CString::new(proc_path)?;
             // SAFETY: `proc_path` and `name` are NUL-terminated and `value` is valid for
             // `value.len()` bytes.
-            unsafe {
-                libc::lsetxattr(
-                    proc_path.as_ptr(),
-                    name.as_ptr(),
-                    value.as_ptr().cast(),
-                    value.len(),
-                    0,
-                )
-            }
+            unsafe { libc::lsetxattr(proc_path.as_ptr(), name.as_ptr(), value.as_ptr().cast(), value.len(), 0) }
         }
         Node::Symlink { .. } => return Ok(()),
     };
@@ -512,12 +486,7 @@ fn create_implicit_dir(parent: BorrowedFd<'_>, name: &[u8]) -> nix::Result<Owned
 }
 
 /// Clears `name` in `dir` for a new entry. Returns true if it is a directory that was kept.
-fn remove_existing(
-    dir: BorrowedFd<'_>,
-    name: &[u8],
-    keep_dir: bool,
-    path: &[u8],
-) -> Result<bool, UnpackError> {
+fn remove_existing(dir: BorrowedFd<'_>, name: &[u8], keep_dir: bool, path: &[u8]) -> Result<bool, UnpackError> {
     match unistd::unlinkat(dir, name, UnlinkatFlags::NoRemoveDir) {
         Ok(()) | Err(Errno::ENOENT) => Ok(false),
         Err(Errno::EISDIR) if keep_dir => Ok(true),
@@ -566,11 +535,7 @@ fn io_error<E: Into<io::Error>>(op: &'static str, path: &[u8]) -> impl FnOnce(E)
 }
 
 /// Like [`io_error`], but EXDEV from [`open_beneath`] means the path tried to leave the root.
-fn resolve_error(
-    op: &'static str,
-    path: &[u8],
-    escape_reason: &'static str,
-) -> impl FnOnce(Errno) -> UnpackError {
+fn resolve_error(op: &'static str, path: &[u8], escape_reason: &'static str) -> impl FnOnce(Errno) -> UnpackError {
     move |errno| match errno {
         Errno::EXDEV => unsafe_entry(path, escape_reason),
         errno => io_error(op, path)(errno),
@@ -635,9 +600,7 @@ impl Unpacker {
         let header = entry.header();
         let kind = match header.entry_type() {
             // Pre-POSIX archives mark directories only with a trailing slash.
-            EntryType::Regular if header.as_old().linkflag == [0] && path.ends_with(b"/") => {
-                Kind::Dir
-            }
+            EntryType::Regular if header.as_old().linkflag == [0] && path.ends_with(b"/") => Kind::Dir,
             EntryType::Regular | EntryType::Continuous | EntryType::GNUSparse => Kind::File,
             EntryType::Directory => Kind::Dir,
             EntryType::Symlink => Kind::Symlink,
@@ -690,8 +653,7 @@ impl Unpacker {
             Kind::File => self.write_file(dir, name, entry, &meta, &path),
             Kind::Dir => {
                 if !remove_existing(dir, name, true, &path)? {
-                    stat::mkdirat(dir, name, Mode::S_IRWXU)
-                        .map_err(io_error("create directory", &path))?;
+                    stat::mkdirat(dir, name, Mode::S_IRWXU).map_err(io_error("create directory", &path))?;
                 }
                 let fd = fcntl::openat(dir, name, dir_flags() | OFlag::O_NOFOLLOW, Mode::empty())
                     .map_err(io_error("open directory", &path))?;
@@ -700,24 +662,19 @@ impl Unpacker {
                 Ok(())
             }
             Kind::Symlink => {
-                let target = entry
-                    .link_name_bytes()
-                    .ok_or_else(|| UnpackError::Corrupt {
-                        what: format!("symlink {:?} has no target", lossy(&path)),
-                        source: None,
-                    })?;
+                let target = entry.link_name_bytes().ok_or_else(|| UnpackError::Corrupt {
+                    what: format!("symlink {:?} has no target", lossy(&path)),
+                    source: None,
+                })?;
                 remove_existing(dir, name, false, &path)?;
-                unistd::symlinkat(target.as_ref(), dir, name)
-                    .map_err(io_error("create symlink", &path))?;
+                unistd::symlinkat(target.as_ref(), dir, name).map_err(io_error("create symlink", &path))?;
                 apply_metadata(Node::Symlink { dir, name }, &meta, &path)
             }
             Kind::HardLink => {
-                let target = entry
-                    .link_name_bytes()
-                    .ok_or_else(|| UnpackError::Corrupt {
-                        what: format!("hard link {:?} has no target", lossy(&path)),
-                        source: None,
-                    })?;
+                let target = entry.link_name_bytes().ok_or_else(|| UnpackError::Corrupt {
+                    what: format!("hard link {:?} has no target", lossy(&path)),
+                    source: None,
+                })?;
                 self.hard_link(dir, name, &parts, &target, &path)
             }
             Kind::Node(format, device) => {
@@ -737,15 +694,13 @@ impl Unpacker {
             result => return result.map_err(escape()),
         }
         // Something is missing: walk down from the root, creating what is absent.
-        let mut dir = self
-            .root
-            .try_clone()
-            .map_err(io_error("open the parent of", path))?;
+        let mut dir = self.root.try_clone().map_err(io_error("open the parent of", path))?;
         for (depth, &part) in parts.iter().enumerate() {
             dir = match open_beneath(&self.root, &join(&parts[..=depth]), dir_flags()) {
                 Ok(next) => next,
-                Err(Errno::ENOENT) => create_implicit_dir(dir.as_fd(), part)
-                    .map_err(io_error("create a parent directory of", path))?,
+                Err(Errno::ENOENT) => {
+                    create_implicit_dir(dir.as_fd(), part).map_err(io_error("create a parent directory of", path))?
+                }
                 Err(errno) => return Err(escape()(errno)),
             };
         }
@@ -754,8 +709,7 @@ impl Unpacker {
 
     fn mark_opaque(&self, dir_parts: &[&[u8]], path: &[u8]) -> Result<(), UnpackError> {
         let dir = self.open_dir(dir_parts, path)?;
-        set_xattr(Node::Dir(dir.as_fd()), OPAQUE_XATTR, b"y")
-            .map_err(io_error("set the opaque xattr for", path))
+        set_xattr(Node::Dir(dir.as_fd()), OPAQUE_XATTR, b"y").map_err(io_error("set the opaque xattr for", path))
     }
 
     fn whiteout(&self, parent: &[&[u8]], hidden: &[u8], path: &[u8]) -> Result<(), UnpackError> {
@@ -764,8 +718,7 @@ impl Unpacker {
         }
         let dir = self.open_dir(parent, path)?;
         remove_existing(dir.as_fd(), hidden, false, path)?;
-        stat::mknodat(&dir, hidden, SFlag::S_IFCHR, Mode::empty(), 0)
-            .map_err(io_error("create the whiteout for", path))
+        stat::mknodat(&dir, hidden, SFlag::S_IFCHR, Mode::empty(), 0).map_err(io_error("create the whiteout for", path))
     }
 
     fn hard_link(
@@ -785,16 +738,9 @@ impl Unpacker {
             return Ok(());
         }
         // The target's parents must resolve beneath the root; the target itself is not followed.
-        let target_dir = open_beneath(
-            &self.root,
-            &join(target_parent),
-            OFlag::O_PATH | OFlag::O_DIRECTORY,
-        )
-        .map_err(resolve_error(
-            "resolve the hard link target of",
-            path,
-            LINK_ESCAPES_THROUGH_SYMLINK,
-        ))?;
+        let target_dir = open_beneath(&self.root, &join(target_parent), OFlag::O_PATH | OFlag::O_DIRECTORY).map_err(
+            resolve_error("resolve the hard link target of", path, LINK_ESCAPES_THROUGH_SYMLINK),
+        )?;
         remove_existing(dir, name, false, path)?;
         unistd::linkat(&target_dir, target_name, dir, name, AtFlags::empty())
             .map_err(io_error("create hard link", path))
@@ -810,10 +756,9 @@ impl Unpacker {
     ) -> Result<(), UnpackError> {
         remove_existing(dir, name, false, path)?;
         // O_EXCL: never open (and so never write through) anything that already exists.
-        let flags =
-            OFlag::O_WRONLY | OFlag::O_CREAT | OFlag::O_EXCL | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC;
-        let fd = fcntl::openat(dir, name, flags, Mode::S_IRUSR | Mode::S_IWUSR)
-            .map_err(io_error("create file", path))?;
+        let flags = OFlag::O_WRONLY | OFlag::O_CREAT | OFlag::O_EXCL | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC;
+        let fd =
+            fcntl::openat(dir, name, flags, Mode::S_IRUSR | Mode::S_IWUSR).map_err(io_error("create file", path))?;
         let size = entry.size();
         let capacity = usize::try_from(size).map_or(MAX_WRITE_BUFFER, |s| s.min(MAX_WRITE_BUFFER));
         let mut out = BufWriter::with_capacity(capacity, File::from(fd));
@@ -845,8 +790,7 @@ impl Unpacker {
         for (path, mtime) in dirs {
             let flags = dir_flags() | OFlag::O_NOFOLLOW;
             match open_beneath(&self.root, &path, flags) {
-                Ok(dir) => stat::futimens(&dir, &mtime, &mtime)
-                    .map_err(io_error("set the mtime of", &path))?,
+                Ok(dir) => stat::futimens(&dir, &mtime, &mtime).map_err(io_error("set the mtime of", &path))?,
                 // Replaced or removed by a later entry.
                 Err(Errno::ENOENT | Errno::ENOTDIR | Errno::ELOOP | Errno::EXDEV) => {}
                 Err(errno) => return Err(io_error("open directory", &path)(errno)),
@@ -896,20 +840,10 @@ mod tests {
         }
 
         fn file(&mut self, path: &str, data: &[u8]) -> &mut Self {
-            self.append(
-                Self::header(EntryType::Regular, path, data.len() as u64, 0o644),
-                data,
-            )
+            self.append(Self::header(EntryType::Regular, path, data.len() as u64, 0o644), data)
         }
 
-        fn file_owned(
-            &mut self,
-            path: &str,
-            mode: u32,
-            uid: u64,
-            gid: u64,
-            data: &[u8],
-        ) -> &mut Self {
+        fn file_owned(&mut self, path: &str, mode: u32, uid: u64, gid: u64, data: &[u8]) -> &mut Self {
             let mut header = Self::header(EntryType::Regular, path, data.len() as u64, mode);
             header.set_uid(uid);
             header.set_gid(gid);
@@ -942,9 +876,7 @@ mod tests {
         }
 
         fn pax(&mut self, records: &[(&str, &[u8])]) -> &mut Self {
-            self.0
-                .append_pax_extensions(records.iter().copied())
-                .unwrap();
+            self.0.append_pax_extensions(records.iter().copied()).unwrap();
             self
         }
 
@@ -991,12 +923,7 @@ mod tests {
                 .collect();
             names.sort();
             assert_eq!(names, ["layer", "outside", "sentinel"]);
-            assert_eq!(
-                fs::read_dir(self.tmp.path().join("outside"))
-                    .unwrap()
-                    .count(),
-                0
-            );
+            assert_eq!(fs::read_dir(self.tmp.path().join("outside")).unwrap().count(), 0);
             let sentinel = self.tmp.path().join("sentinel");
             assert_eq!(fs::read(&sentinel).unwrap(), SENTINEL);
             assert_eq!(fs::metadata(&sentinel).unwrap().nlink(), 1);
@@ -1019,14 +946,7 @@ mod tests {
         let path = CString::new(path.as_os_str().as_bytes()).unwrap();
         let mut value = vec![0u8; 256];
         // SAFETY: both strings are NUL-terminated and `value` is valid for `value.len()` bytes.
-        let len = unsafe {
-            libc::lgetxattr(
-                path.as_ptr(),
-                name.as_ptr(),
-                value.as_mut_ptr().cast(),
-                value.len(),
-            )
-        };
+        let len = unsafe { libc::lgetxattr(path.as_ptr(), name.as_ptr(), value.as_mut_ptr().cast(), value.len()) };
         let len = usize::try_from(len).ok()?;
         value.truncate(len);
         Some(value)
@@ -1045,18 +965,9 @@ mod tests {
     #[test]
     fn media_types() {
         let cases = [
-            (
-                "application/vnd.oci.image.layer.v1.tar",
-                Some(Compression::None),
-            ),
-            (
-                "application/vnd.oci.image.layer.v1.tar+gzip",
-                Some(Compression::Gzip),
-            ),
-            (
-                "application/vnd.oci.image.layer.v1.tar+zstd",
-                Some(Compression::Zstd),
-            ),
+            ("application/vnd.oci.image.layer.v1.tar", Some(Compression::None)),
+            ("application/vnd.oci.image.layer.v1.tar+gzip", Some(Compression::Gzip)),
+            ("application/vnd.oci.image.layer.v1.tar+zstd", Some(Compression::Zstd)),
             (
                 "application/vnd.oci.image.layer.nondistributable.v1.tar",
                 Some(Compression::None),
@@ -1073,19 +984,12 @@ mod tests {
                 "application/vnd.docker.image.rootfs.diff.tar.gzip",
                 Some(Compression::Gzip),
             ),
-            (
-                "application/vnd.docker.image.rootfs.diff.tar",
-                Some(Compression::None),
-            ),
+            ("application/vnd.docker.image.rootfs.diff.tar", Some(Compression::None)),
             ("application/vnd.oci.image.config.v1+json", None),
             ("", None),
         ];
         for (media_type, expected) in cases {
-            assert_eq!(
-                Compression::from_media_type(media_type),
-                expected,
-                "{media_type}"
-            );
+            assert_eq!(Compression::from_media_type(media_type), expected, "{media_type}");
         }
     }
 
@@ -1103,10 +1007,7 @@ mod tests {
         let stats = sandbox.unpack(&tar).unwrap();
         assert_eq!(stats.entries, 6);
 
-        assert_eq!(
-            fs::read(sandbox.path("etc/hosts")).unwrap(),
-            b"127.0.0.1 localhost\n"
-        );
+        assert_eq!(fs::read(sandbox.path("etc/hosts")).unwrap(), b"127.0.0.1 localhost\n");
         let etc = lstat(&sandbox.path("etc"));
         assert!(etc.is_dir());
         assert_eq!(etc.mode() & 0o7777, 0o750);
@@ -1117,10 +1018,7 @@ mod tests {
         assert_eq!(sudo.mode() & 0o7777, 0o4755);
         assert_eq!(sudo.mtime(), MTIME as i64);
         let data = lstat(&sandbox.path("srv/data"));
-        assert_eq!(
-            (data.uid(), data.gid(), data.mode() & 0o7777),
-            (1234, 5678, 0o2640)
-        );
+        assert_eq!((data.uid(), data.gid(), data.mode() & 0o7777), (1234, 5678, 0o2640));
         assert_eq!(lstat(&sandbox.path("tmp")).mode() & 0o7777, 0o1777);
 
         // Parents missing from the tar: 0755, root-owned.
@@ -1157,10 +1055,7 @@ mod tests {
             assert_eq!(stats.diff_id, expected, "{compression:?}");
             assert_eq!(stats.uncompressed_bytes, tar.len() as u64);
             assert_eq!(stats.entries, 2);
-            assert_eq!(
-                fs::read(sandbox.path("app/big")).unwrap(),
-                vec![7u8; 3 << 20]
-            );
+            assert_eq!(fs::read(sandbox.path("app/big")).unwrap(), vec![7u8; 3 << 20]);
         }
     }
 
@@ -1189,18 +1084,12 @@ mod tests {
         let ls = lstat(&sandbox.path("bin/ls"));
         assert!(ls.file_type().is_symlink());
         assert_eq!((ls.uid(), ls.mtime()), (42, MTIME as i64));
-        assert_eq!(
-            fs::read_link(sandbox.path("bin/ls")).unwrap(),
-            Path::new("busybox")
-        );
+        assert_eq!(fs::read_link(sandbox.path("bin/ls")).unwrap(), Path::new("busybox"));
         assert_eq!(
             fs::read_link(sandbox.path("etc/mtab")).unwrap(),
             Path::new("/proc/self/mounts")
         );
-        assert_eq!(
-            fs::read_link(sandbox.path("up")).unwrap(),
-            Path::new("../../..")
-        );
+        assert_eq!(fs::read_link(sandbox.path("up")).unwrap(), Path::new("../../.."));
         sandbox.assert_nothing_escaped();
     }
 
@@ -1293,25 +1182,13 @@ mod tests {
         sandbox.unpack(&tar).unwrap();
         assert_eq!(fs::read(sandbox.path("f")).unwrap(), b"second");
         assert_eq!(lstat(&sandbox.path("file_then_dir")).mode() & 0o7777, 0o711);
-        assert_eq!(
-            fs::read(sandbox.path("dir_then_file")).unwrap(),
-            b"now a file"
-        );
+        assert_eq!(fs::read(sandbox.path("dir_then_file")).unwrap(), b"now a file");
         assert_eq!(lstat(&sandbox.path("kept")).mode() & 0o7777, 0o700);
         assert_eq!(fs::read(sandbox.path("kept/child")).unwrap(), b"stays");
-        assert_eq!(
-            fs::read(sandbox.path("link")).unwrap(),
-            b"replaces the symlink"
-        );
-        assert_eq!(
-            fs::read(sandbox.tmp.path().join("outside/target")).unwrap(),
-            SENTINEL
-        );
+        assert_eq!(fs::read(sandbox.path("link")).unwrap(), b"replaces the symlink");
+        assert_eq!(fs::read(sandbox.tmp.path().join("outside/target")).unwrap(), SENTINEL);
         assert_eq!(fs::read(sandbox.path("orig")).unwrap(), b"original");
-        assert_eq!(
-            fs::read(sandbox.path("twin")).unwrap(),
-            b"replaces the hard link"
-        );
+        assert_eq!(fs::read(sandbox.path("twin")).unwrap(), b"replaces the hard link");
     }
 
     #[test]
@@ -1332,17 +1209,11 @@ mod tests {
             .build();
         sandbox.unpack(&tar).unwrap();
         let file = sandbox.path("file");
-        assert_eq!(
-            get_xattr(&file, c"user.origin").as_deref(),
-            Some(&b"layer"[..])
-        );
+        assert_eq!(get_xattr(&file, c"user.origin").as_deref(), Some(&b"layer"[..]));
         assert_eq!(get_xattr(&file, c"trusted.overlay.redirect"), None);
         assert_eq!(get_xattr(&file, c"user.overlay.opaque"), None);
         let meta = lstat(&file);
-        assert_eq!(
-            (meta.mtime(), meta.mtime_nsec()),
-            (MTIME as i64, 250_000_000)
-        );
+        assert_eq!((meta.mtime(), meta.mtime_nsec()), (MTIME as i64, 250_000_000));
         assert_eq!(
             get_xattr(&sandbox.path("dir"), c"user.dir").as_deref(),
             Some(&b"\x00\x01binary"[..])
@@ -1362,14 +1233,8 @@ mod tests {
         let mut header = Header::new_gnu();
         header.set_size(4);
         header.set_mode(0o644);
-        layer
-            .0
-            .append_data(&mut header, &long, &b"long"[..])
-            .unwrap();
-        let tar = layer
-            .pax(&[("path", b"pax/name")])
-            .file("ignored", b"pax")
-            .build();
+        layer.0.append_data(&mut header, &long, &b"long"[..]).unwrap();
+        let tar = layer.pax(&[("path", b"pax/name")]).file("ignored", b"pax").build();
         let stats = sandbox.unpack(&tar).unwrap();
         assert_eq!(stats.entries, 3);
         assert_eq!(fs::read(sandbox.path(&long)).unwrap(), b"long");
@@ -1381,10 +1246,7 @@ mod tests {
         let sandbox = Sandbox::new();
         let mut v7_dir = Layer::header(EntryType::Regular, "old/", 0, 0o750);
         v7_dir.as_old_mut().linkflag = [0];
-        let tar = Layer::new()
-            .append(v7_dir, b"")
-            .file("old/file", b"x")
-            .build();
+        let tar = Layer::new().append(v7_dir, b"").file("old/file", b"x").build();
         sandbox.unpack(&tar).unwrap();
         assert_eq!(lstat(&sandbox.path("old")).mode() & 0o7777, 0o750);
         assert!(lstat(&sandbox.path("old")).is_dir());
@@ -1435,47 +1297,22 @@ mod tests {
     fn rejects_write_through_absolute_symlink() {
         let sandbox = Sandbox::new();
         let outside = sandbox.outside();
-        sandbox.assert_unsafe(
-            &Layer::new()
-                .symlink("evil", &outside)
-                .file("evil/passwd", b"x")
-                .build(),
-        );
-        sandbox.assert_unsafe(
-            &Layer::new()
-                .symlink("evil", &outside)
-                .dir("evil/dir", 0o755)
-                .build(),
-        );
-        sandbox.assert_unsafe(
-            &Layer::new()
-                .symlink("evil", &outside)
-                .file("evil/a/b/c", b"x")
-                .build(),
-        );
+        sandbox.assert_unsafe(&Layer::new().symlink("evil", &outside).file("evil/passwd", b"x").build());
+        sandbox.assert_unsafe(&Layer::new().symlink("evil", &outside).dir("evil/dir", 0o755).build());
+        sandbox.assert_unsafe(&Layer::new().symlink("evil", &outside).file("evil/a/b/c", b"x").build());
     }
 
     #[test]
     fn rejects_write_through_relative_symlink_escape() {
         let sandbox = Sandbox::new();
-        sandbox.assert_unsafe(
-            &Layer::new()
-                .symlink("evil", "../outside")
-                .file("evil/x", b"x")
-                .build(),
-        );
+        sandbox.assert_unsafe(&Layer::new().symlink("evil", "../outside").file("evil/x", b"x").build());
         sandbox.assert_unsafe(
             &Layer::new()
                 .symlink("d/evil", "../../../x")
                 .file("d/evil/y", b"y")
                 .build(),
         );
-        sandbox.assert_unsafe(
-            &Layer::new()
-                .symlink("up", "..")
-                .file("up/pwned", b"x")
-                .build(),
-        );
+        sandbox.assert_unsafe(&Layer::new().symlink("up", "..").file("up/pwned", b"x").build());
     }
 
     #[test]
@@ -1493,10 +1330,7 @@ mod tests {
                 .file("evil/.wh..wh..opq", b"")
                 .build(),
         );
-        assert_eq!(
-            get_xattr(&sandbox.tmp.path().join("outside"), OPAQUE_XATTR),
-            None
-        );
+        assert_eq!(get_xattr(&sandbox.tmp.path().join("outside"), OPAQUE_XATTR), None);
     }
 
     #[test]
@@ -1532,10 +1366,7 @@ mod tests {
     fn hard_link_to_symlink_links_the_symlink_itself() {
         let sandbox = Sandbox::new();
         let target = format!("{}/../sentinel", sandbox.outside());
-        let tar = Layer::new()
-            .symlink("evil", &target)
-            .hardlink("twin", "evil")
-            .build();
+        let tar = Layer::new().symlink("evil", &target).hardlink("twin", "evil").build();
         sandbox.unpack(&tar).unwrap();
         let twin = lstat(&sandbox.path("twin"));
         assert!(twin.file_type().is_symlink());

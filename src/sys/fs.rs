@@ -12,11 +12,7 @@ pub fn atomic_write(path: &Path, data: &[u8]) -> io::Result<()> {
     let name = path
         .file_name()
         .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "path has no file name"))?;
-    let tmp = dir.join(format!(
-        ".{}.tmp-{}",
-        name.to_string_lossy(),
-        rand::random::<u64>()
-    ));
+    let tmp = dir.join(format!(".{}.tmp-{}", name.to_string_lossy(), rand::random::<u64>()));
     let result = (|| {
         let mut file = File::create(&tmp)?;
         file.write_all(data)?;
@@ -91,10 +87,7 @@ pub fn remove_tree(path: &Path) -> io::Result<()> {
 /// Creates a directory (and its parents) with the given mode for the last component.
 pub fn ensure_dir(path: &Path, mode: u32) -> io::Result<()> {
     use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
-    fs::DirBuilder::new()
-        .recursive(true)
-        .mode(mode)
-        .create(path)?;
+    fs::DirBuilder::new().recursive(true).mode(mode).create(path)?;
     fs::set_permissions(path, fs::Permissions::from_mode(mode))
 }
 
@@ -125,9 +118,6 @@ mod tests {
         let usage = tree_usage(dir.path()).unwrap();
         assert_eq!(usage.inodes, 3);
         assert!(usage.bytes >= 10_000, "{usage:?}");
-        assert_eq!(
-            tree_usage(&dir.path().join("missing")).unwrap(),
-            Usage::default()
-        );
+        assert_eq!(tree_usage(&dir.path().join("missing")).unwrap(), Usage::default());
     }
 }

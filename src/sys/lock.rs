@@ -46,11 +46,7 @@ impl DirLock {
                 let _ = file.read_to_string(&mut holder);
                 let holder = holder.trim();
                 return Err(LockError::Held {
-                    path: lock_path
-                        .parent()
-                        .unwrap_or(lock_path)
-                        .display()
-                        .to_string(),
+                    path: lock_path.parent().unwrap_or(lock_path).display().to_string(),
                     holder: if holder.is_empty() {
                         "unknown".into()
                     } else {

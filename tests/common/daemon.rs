@@ -101,11 +101,7 @@ impl Daemon {
             if std::os::unix::net::UnixStream::connect(self.socket()).is_ok() {
                 return;
             }
-            if let Some(status) = self
-                .child
-                .as_mut()
-                .and_then(|c| c.try_wait().ok().flatten())
-            {
+            if let Some(status) = self.child.as_mut().and_then(|c| c.try_wait().ok().flatten()) {
                 panic!("daemon exited with {status} during start:\n{}", self.log());
             }
             assert!(
@@ -118,10 +114,7 @@ impl Daemon {
     }
 
     pub fn pid(&self) -> u32 {
-        self.child
-            .as_ref()
-            .map(|c| c.id())
-            .expect("daemon is running")
+        self.child.as_ref().map(|c| c.id()).expect("daemon is running")
     }
 
     /// `kill -9`, as a crash would.
@@ -138,11 +131,7 @@ impl Daemon {
             let pid = nix::unistd::Pid::from_raw(child.id() as i32);
             let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);
             let status = child.wait().expect("wait for daemon");
-            assert!(
-                status.success(),
-                "daemon exited with {status}:\n{}",
-                self.log()
-            );
+            assert!(status.success(), "daemon exited with {status}:\n{}", self.log());
         }
     }
 
@@ -171,13 +160,7 @@ impl Daemon {
             image: Some(spec(image)),
             ..Default::default()
         };
-        Ok(self
-            .images()
-            .await
-            .pull_image(request)
-            .await?
-            .into_inner()
-            .image_ref)
+        Ok(self.images().await.pull_image(request).await?.into_inner().image_ref)
     }
 
     /// Files and directories directly under `dir` inside the daemon root.
@@ -206,8 +189,57 @@ pub fn list_dir(dir: &Path) -> Vec<String> {
     names
 }
 
+impl Daemon {
+    /// Removes every sandbox through the CRI, as a kubelet would on its way out.
+    fn remove_all_sandboxes(&self) {
+        let endpoint = self.endpoint();
+        let cleanup = std::thread::spawn(move || {
+            let Ok(runtime) = tokio::runtime::Builder::new_current_thread().enable_all().build() else {
+                return;
+            };
+            runtime.block_on(async move {
+                let Ok(channel) = podvisor::cri::socket::connect(&endpoint).await else {
+                    return;
+                };
+                let mut client = RuntimeServiceClient::new(channel);
+                let Ok(pods) = client
+                    .list_pod_sandbox(podvisor::cri::proto::runtime::ListPodSandboxRequest { filter: None })
+                    .await
+                else {
+                    return;
+                };
+                for pod in pods.into_inner().items {
+                    let _ = client
+                        .remove_pod_sandbox(podvisor::cri::proto::runtime::RemovePodSandboxRequest {
+                            pod_sandbox_id: pod.id,
+                        })
+                        .await;
+                }
+            });
+        });
+        let _ = cleanup.join();
+    }
+
+    /// Last resort for what a failed test left: monitors and mounts under our directory.
+    fn sweep(&self) {
+        let dir = self.dir.path().display().to_string();
+        for pid in super::cri::processes_mentioning(&format!("monitor {dir}")) {
+            let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGKILL);
+        }
+        let mut mounts = super::cri::mounts_under(self.dir.path());
+        mounts.sort_by_key(|m| std::cmp::Reverse(m.len()));
+        for mount in mounts {
+            let _ = nix::mount::umount2(mount.as_str(), nix::mount::MntFlags::MNT_DETACH);
+        }
+    }
+}
+
 impl Drop for Daemon {
     fn drop(&mut self) {
+        if self.child.is_some() {
+            self.remove_all_sandboxes();
+        }
         self.kill();
+        self.sweep();
     }
 }

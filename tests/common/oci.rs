@@ -13,10 +13,9 @@ pub const MTIME: u64 = 1_600_000_000;
 
 /// Applets linked to `/bin/busybox` in [`busybox_layer`].
 pub const BUSYBOX_APPLETS: &[&str] = &[
-    "sh", "ls", "cat", "echo", "sleep", "id", "true", "false", "env", "hostname", "mkdir", "rm",
-    "touch", "wc", "head", "tail", "grep", "stat", "readlink", "ps", "kill", "printf", "test",
-    "uname", "whoami", "chmod", "ln", "cp", "mv", "sed", "pwd", "tee", "nc", "wget", "mount",
-    "top",
+    "sh", "ls", "cat", "echo", "sleep", "id", "true", "false", "env", "hostname", "mkdir", "rm", "touch", "wc", "head",
+    "tail", "grep", "stat", "readlink", "ps", "kill", "printf", "test", "uname", "whoami", "chmod", "ln", "cp", "mv",
+    "sed", "pwd", "tee", "nc", "wget", "mount", "top",
 ];
 
 /// `sha256:<hex>` of `data`.
@@ -81,8 +80,7 @@ impl Layer {
             Compression::None => tar.clone(),
             Compression::Gzip => {
                 // flate2 writes mtime 0 and no file name: deterministic output.
-                let mut enc =
-                    flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
+                let mut enc = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
                 enc.write_all(&tar).expect("gzip");
                 enc.finish().expect("gzip").into()
             }
@@ -113,9 +111,7 @@ impl Layer {
             // Docker has no zstd layer type; its tooling uses the OCI one.
             (_, Compression::Zstd) => "application/vnd.oci.image.layer.v1.tar+zstd",
             (Flavour::Docker, Compression::None) => "application/vnd.docker.image.rootfs.diff.tar",
-            (Flavour::Docker, Compression::Gzip) => {
-                "application/vnd.docker.image.rootfs.diff.tar.gzip"
-            }
+            (Flavour::Docker, Compression::Gzip) => "application/vnd.docker.image.rootfs.diff.tar.gzip",
         }
     }
 
@@ -197,10 +193,7 @@ impl TestImage {
 
     /// Default config over a gzip [`busybox_layer`].
     pub fn busybox() -> TestImage {
-        TestImage::new(
-            ImageConfig::default(),
-            vec![busybox_layer(Compression::Gzip)],
-        )
+        TestImage::new(ImageConfig::default(), vec![busybox_layer(Compression::Gzip)])
     }
 
     pub fn config_json(&self) -> Vec<u8> {
@@ -213,11 +206,7 @@ impl TestImage {
             set("User", json!(c.user));
         }
         if !c.exposed_ports.is_empty() {
-            let ports: serde_json::Map<_, _> = c
-                .exposed_ports
-                .iter()
-                .map(|p| (p.clone(), json!({})))
-                .collect();
+            let ports: serde_json::Map<_, _> = c.exposed_ports.iter().map(|p| (p.clone(), json!({}))).collect();
             set("ExposedPorts", ports.into());
         }
         if !c.env.is_empty() {
@@ -410,12 +399,7 @@ pub fn tar_from_entries(entries: &[Entry]) -> Vec<u8> {
                 let mut h = header(EntryType::Regular, *mode, *uid, *gid, data.len() as u64);
                 b.append_data(&mut h, path, data.as_slice())
             }
-            Entry::Dir {
-                path,
-                mode,
-                uid,
-                gid,
-            } => {
+            Entry::Dir { path, mode, uid, gid } => {
                 let mut h = header(EntryType::Directory, *mode, *uid, *gid, 0);
                 b.append_data(&mut h, format!("{}/", path.trim_end_matches('/')), &[][..])
             }
@@ -447,12 +431,7 @@ pub fn tar_from_entries(entries: &[Entry]) -> Vec<u8> {
                 h.set_device_minor(*minor).expect("device minor");
                 b.append_data(&mut h, path, &[][..])
             }
-            Entry::Raw {
-                name,
-                kind,
-                link,
-                data,
-            } => {
+            Entry::Raw { name, kind, link, data } => {
                 if name.len() > 100 {
                     append_long_name(&mut b, EntryType::GNULongName, name);
                 }
@@ -542,9 +521,6 @@ pub fn filler_layer(size: usize, seed: u64, compression: Compression) -> Layer {
         data.extend_from_slice(&(z ^ (z >> 31)).to_le_bytes());
     }
     data.truncate(size);
-    let entries = [
-        Entry::dir("filler"),
-        Entry::file(&format!("filler/{seed}.bin"), data),
-    ];
+    let entries = [Entry::dir("filler"), Entry::file(&format!("filler/{seed}.bin"), data)];
     layer_from_entries(&entries, compression)
 }

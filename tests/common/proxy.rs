@@ -100,9 +100,7 @@ impl Proxy {
     }
 
     pub async fn start_with(upstream: &str, opts: ProxyOptions) -> Proxy {
-        let listener = TcpListener::bind("127.0.0.1:0")
-            .await
-            .expect("bind proxy listener");
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind proxy listener");
         let addr = listener.local_addr().expect("proxy local_addr");
         let state = Arc::new(State {
             upstream: upstream.trim_end_matches('/').to_owned(),
@@ -141,9 +139,7 @@ impl Proxy {
     /// auth and failure injection, e.g. `count("GET /v2/app/blobs/sha256:..")`.
     pub fn count(&self, needle: &str) -> usize {
         let log = self.state.log.lock().unwrap();
-        log.iter()
-            .filter(|r| r.passed && r.line.contains(needle))
-            .count()
+        log.iter().filter(|r| r.passed && r.line.contains(needle)).count()
     }
 
     /// Every request so far, in arrival order.
@@ -167,9 +163,7 @@ impl Proxy {
 
     /// Throttles blob GET bodies (also ones already streaming); `None` lifts it.
     pub fn set_bytes_per_sec(&self, rate: Option<u64>) {
-        self.state
-            .bytes_per_sec
-            .store(rate.unwrap_or(0), Ordering::Relaxed);
+        self.state.bytes_per_sec.store(rate.unwrap_or(0), Ordering::Relaxed);
     }
 
     /// Invalidates every issued bearer token, as if they had expired.
@@ -198,9 +192,7 @@ async fn serve(listener: TcpListener, state: Arc<State>) {
                 let state = state.clone();
                 async move { Ok::<_, Infallible>(state.handle(req).await) }
             });
-            let _ = http1::Builder::new()
-                .serve_connection(TokioIo::new(stream), svc)
-                .await;
+            let _ = http1::Builder::new().serve_connection(TokioIo::new(stream), svc).await;
         });
     }
 }
@@ -252,8 +244,7 @@ impl State {
                 let Some(token) = authorization(headers, "Bearer ") else {
                     return false;
                 };
-                self.opts.registry_token.as_deref() == Some(token)
-                    || self.tokens.lock().unwrap().contains(token)
+                self.opts.registry_token.as_deref() == Some(token) || self.tokens.lock().unwrap().contains(token)
             }
         }
     }
@@ -269,11 +260,7 @@ impl State {
             }
             _ => r#"Basic realm="test""#.into(),
         };
-        let mut resp = error(
-            StatusCode::UNAUTHORIZED,
-            "UNAUTHORIZED",
-            "authentication required",
-        );
+        let mut resp = error(StatusCode::UNAUTHORIZED, "UNAUTHORIZED", "authentication required");
         resp.headers_mut().insert(
             header::WWW_AUTHENTICATE,
             HeaderValue::from_str(&value).expect("challenge header"),
@@ -283,53 +270,32 @@ impl State {
 
     /// `GET /token` with basic credentials, or `POST /token` with form
     /// `grant_type=password` / `grant_type=refresh_token`.
-    async fn token(
-        &self,
-        req: Request<Incoming>,
-        user: &str,
-        pass: &str,
-    ) -> (Response<Body>, bool) {
+    async fn token(&self, req: Request<Incoming>, user: &str, pass: &str) -> (Response<Body>, bool) {
         let (parts, body) = req.into_parts();
         let mut params = form_pairs(parts.uri.query().unwrap_or(""));
         if parts.method == Method::POST {
-            let body = body
-                .collect()
-                .await
-                .map(|b| b.to_bytes())
-                .unwrap_or_default();
+            let body = body.collect().await.map(|b| b.to_bytes()).unwrap_or_default();
             params.extend(form_pairs(&String::from_utf8_lossy(&body)));
         }
-        let param = |name: &str| {
-            params
-                .iter()
-                .find(|(k, _)| k == name)
-                .map(|(_, v)| v.as_str())
-        };
+        let param = |name: &str| params.iter().find(|(k, _)| k == name).map(|(_, v)| v.as_str());
         let (valid, offline) = match (&parts.method, param("grant_type")) {
-            (&Method::POST, Some("password")) => (
-                param("username") == Some(user) && param("password") == Some(pass),
-                true,
-            ),
+            (&Method::POST, Some("password")) => {
+                (param("username") == Some(user) && param("password") == Some(pass), true)
+            }
             (&Method::POST, Some("refresh_token")) => {
                 let valid = param("refresh_token").is_some_and(|t| {
-                    self.opts.identity_token.as_deref() == Some(t)
-                        || self.refresh_tokens.lock().unwrap().contains(t)
+                    self.opts.identity_token.as_deref() == Some(t) || self.refresh_tokens.lock().unwrap().contains(t)
                 });
                 (valid, true)
             }
             (&Method::GET, _) => {
-                let valid =
-                    basic_credentials(&parts.headers).is_some_and(|(u, p)| u == user && p == pass);
+                let valid = basic_credentials(&parts.headers).is_some_and(|(u, p)| u == user && p == pass);
                 (valid, param("offline_token") == Some("true"))
             }
             _ => (false, false),
         };
         if !valid {
-            let resp = error(
-                StatusCode::UNAUTHORIZED,
-                "UNAUTHORIZED",
-                "authentication required",
-            );
+            let resp = error(StatusCode::UNAUTHORIZED, "UNAUTHORIZED", "authentication required");
             return (resp, false);
         }
         let token = self.new_token();
@@ -385,11 +351,7 @@ impl State {
         }
         let throttled = parts.method == Method::GET && parts.uri.path().contains("/blobs/sha256:");
         let (tx, rx) = mpsc::channel(1);
-        tokio::spawn(pump(
-            upstream,
-            tx,
-            throttled.then(|| self.bytes_per_sec.clone()),
-        ));
+        tokio::spawn(pump(upstream, tx, throttled.then(|| self.bytes_per_sec.clone())));
         resp.body(ChannelBody(rx).boxed()).expect("proxy response")
     }
 }
@@ -435,13 +397,8 @@ impl hyper::body::Body for ChannelBody {
     type Data = Bytes;
     type Error = BoxError;
 
-    fn poll_frame(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
-        self.0
-            .poll_recv(cx)
-            .map(|chunk| chunk.map(|r| r.map(Frame::data)))
+    fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        self.0.poll_recv(cx).map(|chunk| chunk.map(|r| r.map(Frame::data)))
     }
 }
 
@@ -466,17 +423,11 @@ fn json_response(status: StatusCode, body: &serde_json::Value) -> Response<Body>
 }
 
 fn authorization<'a>(headers: &'a HeaderMap, scheme: &str) -> Option<&'a str> {
-    headers
-        .get(header::AUTHORIZATION)?
-        .to_str()
-        .ok()?
-        .strip_prefix(scheme)
+    headers.get(header::AUTHORIZATION)?.to_str().ok()?.strip_prefix(scheme)
 }
 
 fn basic_credentials(headers: &HeaderMap) -> Option<(String, String)> {
-    let decoded = BASE64_STANDARD
-        .decode(authorization(headers, "Basic ")?)
-        .ok()?;
+    let decoded = BASE64_STANDARD.decode(authorization(headers, "Basic ")?).ok()?;
     let (user, pass) = std::str::from_utf8(&decoded).ok()?.split_once(':')?;
     Some((user.into(), pass.into()))
 }
@@ -504,22 +455,12 @@ fn form_pairs(encoded: &str) -> Vec<(String, String)> {
 fn is_hop_by_hop(name: &str) -> bool {
     matches!(
         name,
-        "connection"
-            | "keep-alive"
-            | "proxy-connection"
-            | "transfer-encoding"
-            | "te"
-            | "trailer"
-            | "upgrade"
+        "connection" | "keep-alive" | "proxy-connection" | "transfer-encoding" | "te" | "trailer" | "upgrade"
     )
 }
 
 fn strip_hop_by_hop(headers: &mut HeaderMap) {
-    let names: Vec<_> = headers
-        .keys()
-        .filter(|n| is_hop_by_hop(n.as_str()))
-        .cloned()
-        .collect();
+    let names: Vec<_> = headers.keys().filter(|n| is_hop_by_hop(n.as_str())).cloned().collect();
     for name in names {
         headers.remove(name);
     }

@@ -45,10 +45,7 @@ impl RegistryClient {
     pub async fn push_blob(&self, repo: &str, data: Bytes) -> String {
         let digest = sha256_digest(&data);
         let head = self
-            .request(
-                Method::HEAD,
-                self.url(&format!("/v2/{repo}/blobs/{digest}")),
-            )
+            .request(Method::HEAD, self.url(&format!("/v2/{repo}/blobs/{digest}")))
             .send()
             .await
             .expect("HEAD blob");
@@ -56,21 +53,12 @@ impl RegistryClient {
             return digest;
         }
         let start = self
-            .request(
-                Method::POST,
-                self.url(&format!("/v2/{repo}/blobs/uploads/")),
-            )
+            .request(Method::POST, self.url(&format!("/v2/{repo}/blobs/uploads/")))
             .send()
             .await
             .expect("POST blob upload");
-        assert_eq!(
-            start.status(),
-            StatusCode::ACCEPTED,
-            "start upload {digest}"
-        );
-        let location = start.headers()[header::LOCATION]
-            .to_str()
-            .expect("Location header");
+        assert_eq!(start.status(), StatusCode::ACCEPTED, "start upload {digest}");
+        let location = start.headers()[header::LOCATION].to_str().expect("Location header");
         // Location may be absolute or relative; keep its `_state` query.
         let mut put_url = self.url(location);
         put_url.query_pairs_mut().append_pair("digest", &digest);
@@ -86,19 +74,10 @@ impl RegistryClient {
     }
 
     /// PUTs a manifest (or index) under `reference`; returns its digest.
-    pub async fn push_manifest(
-        &self,
-        repo: &str,
-        reference: &str,
-        media_type: &str,
-        body: Vec<u8>,
-    ) -> String {
+    pub async fn push_manifest(&self, repo: &str, reference: &str, media_type: &str, body: Vec<u8>) -> String {
         let digest = sha256_digest(&body);
         let resp = self
-            .request(
-                Method::PUT,
-                self.url(&format!("/v2/{repo}/manifests/{reference}")),
-            )
+            .request(Method::PUT, self.url(&format!("/v2/{repo}/manifests/{reference}")))
             .header(header::CONTENT_TYPE, media_type)
             .body(body)
             .send()
@@ -119,13 +98,7 @@ impl RegistryClient {
     }
 
     /// Pushes the config, layers and manifest; returns the manifest digest.
-    pub async fn push_image(
-        &self,
-        repo: &str,
-        reference: &str,
-        image: &TestImage,
-        flavour: Flavour,
-    ) -> String {
+    pub async fn push_image(&self, repo: &str, reference: &str, image: &TestImage, flavour: Flavour) -> String {
         self.push_blob(repo, image.config_json().into()).await;
         for layer in &image.layers {
             self.push_blob(repo, layer.blob.clone()).await;
@@ -151,9 +124,7 @@ impl RegistryClient {
         let mut manifests = Vec::new();
         for (os, arch, variant, image) in images {
             let manifest = image.manifest_json(flavour);
-            let digest = self
-                .push_image(repo, &sha256_digest(&manifest), image, flavour)
-                .await;
+            let digest = self.push_image(repo, &sha256_digest(&manifest), image, flavour).await;
             let mut platform = json!({"architecture": arch, "os": os});
             if let Some(variant) = variant {
                 platform["variant"] = json!(variant);
@@ -171,8 +142,7 @@ impl RegistryClient {
             "manifests": manifests,
         });
         let body = serde_json::to_vec(&index).expect("serialize index");
-        self.push_manifest(repo, tag, flavour.index_media_type(), body)
-            .await
+        self.push_manifest(repo, tag, flavour.index_media_type(), body).await
     }
 
     /// GETs a manifest accepting every manifest/index type; returns
@@ -184,19 +154,12 @@ impl RegistryClient {
             .collect::<Vec<_>>()
             .join(", ");
         let resp = self
-            .request(
-                Method::GET,
-                self.url(&format!("/v2/{repo}/manifests/{reference}")),
-            )
+            .request(Method::GET, self.url(&format!("/v2/{repo}/manifests/{reference}")))
             .header(header::ACCEPT, accept)
             .send()
             .await
             .expect("GET manifest");
-        assert_eq!(
-            resp.status(),
-            StatusCode::OK,
-            "GET manifest {repo}:{reference}"
-        );
+        assert_eq!(resp.status(), StatusCode::OK, "GET manifest {repo}:{reference}");
         let header = |name: &str| {
             resp.headers()
                 .get(name)
@@ -205,11 +168,7 @@ impl RegistryClient {
                 .to_owned()
         };
         let (media_type, digest) = (header("content-type"), header("docker-content-digest"));
-        (
-            media_type,
-            digest,
-            resp.bytes().await.expect("manifest body"),
-        )
+        (media_type, digest, resp.bytes().await.expect("manifest body"))
     }
 
     /// GETs a blob's bytes.
@@ -225,13 +184,7 @@ impl RegistryClient {
 }
 
 /// [`RegistryClient::push_image`] without credentials.
-pub async fn push_image(
-    base: &str,
-    repo: &str,
-    reference: &str,
-    image: &TestImage,
-    flavour: Flavour,
-) -> String {
+pub async fn push_image(base: &str, repo: &str, reference: &str, image: &TestImage, flavour: Flavour) -> String {
     RegistryClient::new(base)
         .push_image(repo, reference, image, flavour)
         .await
@@ -245,7 +198,5 @@ pub async fn push_index(
     images: &[(&str, &str, Option<&str>, &TestImage)],
     flavour: Flavour,
 ) -> String {
-    RegistryClient::new(base)
-        .push_index(repo, tag, images, flavour)
-        .await
+    RegistryClient::new(base).push_index(repo, tag, images, flavour).await
 }

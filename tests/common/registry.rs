@@ -82,10 +82,7 @@ impl Registry {
                     registry.host = format!("127.0.0.1:{}", super::free_port());
                     registry.child = spawn_child(&registry.dir, &registry.host, auth.is_some());
                 }
-                Err(log) => panic!(
-                    "docker-registry on {} did not become ready: {log}",
-                    registry.host
-                ),
+                Err(log) => panic!("docker-registry on {} did not become ready: {log}", registry.host),
             }
         }
     }
@@ -101,24 +98,13 @@ impl Registry {
             if let Ok(Some(status)) = self.child.try_wait() {
                 return Err(format!("exited with {status}; log:\n{}", self.log()));
             }
-            if let Ok(resp) = client
-                .get(&url)
-                .timeout(Duration::from_secs(1))
-                .send()
-                .await
-                && resp
-                    .headers()
-                    .get("x-harness-registry")
-                    .map(|v| v.as_bytes())
-                    == Some(id.as_bytes())
+            if let Ok(resp) = client.get(&url).timeout(Duration::from_secs(1)).send().await
+                && resp.headers().get("x-harness-registry").map(|v| v.as_bytes()) == Some(id.as_bytes())
             {
                 return Ok(());
             }
             if Instant::now() > deadline {
-                return Err(format!(
-                    "no answer after {READY_TIMEOUT:?}; log:\n{}",
-                    self.log()
-                ));
+                return Err(format!("no answer after {READY_TIMEOUT:?}; log:\n{}", self.log()));
             }
             tokio::time::sleep(Duration::from_millis(50)).await;
         }

@@ -1,0 +1,371 @@
+//! Pod sandboxes as Linux namespaces held by bind mounts, without a pause
+//! process: network, IPC and UTS namespaces are made on a short-lived thread
+//! and pinned under the sandbox's state directory. A pod-wide PID namespace
+//! needs an init: `podvisor pod-init`, a tiny reaper, is started for it.
+
+use std::path::{Path, PathBuf};
+
+use nix::mount::{MntFlags, MsFlags};
+use nix::sched::CloneFlags;
+use serde::{Deserialize, Serialize};
+
+use super::LinuxError;
+use crate::manager::spec::{NamespaceMode, SandboxSpec};
+
+/// What the backend keeps about a running sandbox (stored in the sandbox record).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SandboxRuntime {
+    pub dir: PathBuf,
+    pub netns: Option<PathBuf>,
+    pub ipcns: Option<PathBuf>,
+    pub utsns: Option<PathBuf>,
+    pub pidns: Option<PathBuf>,
+    pub pod_init_pid: Option<i32>,
+    pub cgroup_path: String,
+    /// The pod's /dev/shm (a tmpfs), unless it uses the node's IPC namespace.
+    pub shm: Option<PathBuf>,
+    pub hostname_file: PathBuf,
+    pub hosts_file: PathBuf,
+    pub resolv_file: PathBuf,
+}
+
+const SHM_SIZE: &str = "size=65536k";
+
+/// Sysctls that belong to a namespace a pod owns, and which one.
+fn sysctl_namespace(key: &str) -> Option<NsKind> {
+    if key.starts_with("net.") {
+        Some(NsKind::Net)
+    } else if key.starts_with("kernel.shm")
+        || key.starts_with("kernel.msg")
+        || key == "kernel.sem"
+        || key.starts_with("fs.mqueue.")
+    {
+        Some(NsKind::Ipc)
+    } else if key == "kernel.hostname" || key == "kernel.domainname" {
+        Some(NsKind::Uts)
+    } else {
+        None
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum NsKind {
+    Net,
+    Ipc,
+    Uts,
+}
+
+impl NsKind {
+    fn name(self) -> &'static str {
+        match self {
+            NsKind::Net => "net",
+            NsKind::Ipc => "ipc",
+            NsKind::Uts => "uts",
+        }
+    }
+    fn flag(self) -> CloneFlags {
+        match self {
+            NsKind::Net => CloneFlags::CLONE_NEWNET,
+            NsKind::Ipc => CloneFlags::CLONE_NEWIPC,
+            NsKind::Uts => CloneFlags::CLONE_NEWUTS,
+        }
+    }
+}
+
+/// Checks the sysctls before anything is made: each must belong to a
+/// namespace of the pod's own.
+pub fn validate_sysctls(spec: &SandboxSpec) -> Result<(), LinuxError> {
+    for key in spec.sysctls.keys() {
+        let host = match sysctl_namespace(key) {
+            Some(NsKind::Net) => spec.namespaces.network == NamespaceMode::Node,
+            Some(NsKind::Ipc) => spec.namespaces.ipc == NamespaceMode::Node,
+            Some(NsKind::Uts) => false,
+            None => true,
+        };
+        if host || key.contains("..") || key.contains('/') {
+            return Err(LinuxError::Invalid(format!(
+                "sysctl {key:?} is not namespaced to this pod (allowed: net.* without host network, kernel.shm*/msg*/sem and fs.mqueue.* without host IPC)"
+            )));
+        }
+    }
+    Ok(())
+}
+
+pub fn create(dir: &Path, spec: &SandboxSpec, pod_init_exe: &Path) -> Result<SandboxRuntime, LinuxError> {
+    validate_sysctls(spec)?;
+    crate::sys::fs::ensure_dir(dir, 0o711).map_err(LinuxError::io("creating sandbox directory"))?;
+    let mut runtime = SandboxRuntime {
+        dir: dir.to_path_buf(),
+        hostname_file: dir.join("hostname"),
+        hosts_file: dir.join("hosts"),
+        resolv_file: dir.join("resolv.conf"),
+        ..Default::default()
+    };
+    let mut kinds = vec![NsKind::Uts];
+    if spec.namespaces.network != NamespaceMode::Node {
+        kinds.push(NsKind::Net);
+    }
+    if spec.namespaces.ipc != NamespaceMode::Node {
+        kinds.push(NsKind::Ipc);
+    }
+    let hostname = if spec.namespaces.network == NamespaceMode::Node {
+        nix::unistd::gethostname()
+            .map(|h| h.to_string_lossy().into_owned())
+            .unwrap_or_default()
+    } else {
+        spec.hostname.clone()
+    };
+    let pinned = pin_namespaces(dir, &kinds, &hostname, &spec.sysctls)?;
+    for (kind, path) in pinned {
+        match kind {
+            NsKind::Net => runtime.netns = Some(path),
+            NsKind::Ipc => runtime.ipcns = Some(path),
+            NsKind::Uts => runtime.utsns = Some(path),
+        }
+    }
+    write_files(&runtime, spec, &hostname)?;
+    if spec.namespaces.ipc != NamespaceMode::Node {
+        let shm = dir.join("shm");
+        crate::sys::fs::ensure_dir(&shm, 0o1777).map_err(LinuxError::io("creating shm directory"))?;
+        nix::mount::mount(
+            Some("shm"),
+            &shm,
+            Some("tmpfs"),
+            MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC,
+            Some(format!("mode=1777,{SHM_SIZE}").as_str()),
+        )
+        .map_err(|e| LinuxError::Sys("mounting pod /dev/shm", e))?;
+        runtime.shm = Some(shm);
+    }
+    if spec.namespaces.pid == NamespaceMode::Pod {
+        let (pid, pidns) = start_pod_init(dir, pod_init_exe)?;
+        runtime.pod_init_pid = Some(pid);
+        runtime.pidns = Some(pidns);
+    }
+    Ok(runtime)
+}
+
+/// Unshares the namespaces on a fresh thread, sets them up from inside and
+/// bind-mounts them under `dir/ns/`, so they outlive the thread.
+fn pin_namespaces(
+    dir: &Path,
+    kinds: &[NsKind],
+    hostname: &str,
+    sysctls: &std::collections::BTreeMap<String, String>,
+) -> Result<Vec<(NsKind, PathBuf)>, LinuxError> {
+    let ns_dir = dir.join("ns");
+    crate::sys::fs::ensure_dir(&ns_dir, 0o711).map_err(LinuxError::io("creating namespace directory"))?;
+    let kinds = kinds.to_vec();
+    let hostname = hostname.to_string();
+    let sysctls = sysctls.clone();
+    let ns_dir_thread = ns_dir.clone();
+    let result = std::thread::spawn(move || -> Result<Vec<(NsKind, PathBuf)>, LinuxError> {
+        let flags = kinds.iter().fold(CloneFlags::empty(), |acc, k| acc | k.flag());
+        nix::sched::unshare(flags).map_err(|e| LinuxError::Sys("creating pod namespaces", e))?;
+        if kinds.contains(&NsKind::Uts) && !hostname.is_empty() {
+            nix::unistd::sethostname(&hostname).map_err(|e| LinuxError::Sys("setting pod hostname", e))?;
+        }
+        if kinds.contains(&NsKind::Net) {
+            loopback_up()?;
+        }
+        for (key, value) in &sysctls {
+            let path = format!("/proc/sys/{}", key.replace('.', "/"));
+            std::fs::write(&path, value)
+                .map_err(|e| LinuxError::Invalid(format!("setting sysctl {key}={value}: {e}")))?;
+        }
+        let mut pinned = Vec::new();
+        for kind in &kinds {
+            let target = ns_dir_thread.join(kind.name());
+            std::fs::File::create(&target).map_err(LinuxError::io("creating namespace file"))?;
+            let source = format!("/proc/thread-self/ns/{}", kind.name());
+            nix::mount::mount(
+                Some(source.as_str()),
+                &target,
+                None::<&str>,
+                MsFlags::MS_BIND,
+                None::<&str>,
+            )
+            .map_err(|e| LinuxError::Sys("pinning namespace", e))?;
+            pinned.push((*kind, target));
+        }
+        Ok(pinned)
+    })
+    .join()
+    .map_err(|_| LinuxError::Invalid("namespace thread panicked".into()))?;
+    if result.is_err() {
+        release_namespaces(&ns_dir);
+    }
+    result
+}
+
+/// Brings `lo` up in the calling thread's network namespace.
+fn loopback_up() -> Result<(), LinuxError> {
+    // SAFETY: a plain socket() call; the fd is wrapped at once.
+    let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) };
+    if fd < 0 {
+        return Err(LinuxError::Sys("opening socket", nix::errno::Errno::last()));
+    }
+    use std::os::fd::FromRawFd;
+    // SAFETY: fd was just created and is owned here.
+    let socket = unsafe { std::os::fd::OwnedFd::from_raw_fd(fd) };
+    // SAFETY: ifreq is plain data; zeroed is a valid value.
+    let mut request: libc::ifreq = unsafe { std::mem::zeroed() };
+    for (dst, src) in request.ifr_name.iter_mut().zip(b"lo\0") {
+        *dst = *src as libc::c_char;
+    }
+    use std::os::fd::AsRawFd;
+    // SAFETY: SIOCGIFFLAGS/SIOCSIFFLAGS with a valid ifreq on a valid socket.
+    unsafe {
+        if libc::ioctl(socket.as_raw_fd(), libc::SIOCGIFFLAGS, &mut request) < 0 {
+            return Err(LinuxError::Sys("reading lo flags", nix::errno::Errno::last()));
+        }
+        request.ifr_ifru.ifru_flags |= libc::IFF_UP as libc::c_short;
+        if libc::ioctl(socket.as_raw_fd(), libc::SIOCSIFFLAGS, &request) < 0 {
+            return Err(LinuxError::Sys("bringing lo up", nix::errno::Errno::last()));
+        }
+    }
+    Ok(())
+}
+
+fn write_files(runtime: &SandboxRuntime, spec: &SandboxSpec, hostname: &str) -> Result<(), LinuxError> {
+    let write = |path: &Path, text: String| std::fs::write(path, text).map_err(LinuxError::io("writing pod files"));
+    write(&runtime.hostname_file, format!("{hostname}\n"))?;
+    let hosts = if spec.namespaces.network == NamespaceMode::Node {
+        std::fs::read_to_string("/etc/hosts").unwrap_or_default()
+    } else {
+        "127.0.0.1\tlocalhost\n::1\tlocalhost ip6-localhost ip6-loopback\nfe00::0\tip6-localnet\nff00::0\tip6-mcastprefix\nff02::1\tip6-allnodes\nff02::2\tip6-allrouters\n".to_string()
+    };
+    write(&runtime.hosts_file, hosts)?;
+    let dns = &spec.dns;
+    let resolv = if dns.servers.is_empty() && dns.searches.is_empty() && dns.options.is_empty() {
+        std::fs::read_to_string("/etc/resolv.conf").unwrap_or_default()
+    } else {
+        let mut text = String::new();
+        if !dns.searches.is_empty() {
+            text.push_str(&format!("search {}\n", dns.searches.join(" ")));
+        }
+        for server in &dns.servers {
+            text.push_str(&format!("nameserver {server}\n"));
+        }
+        if !dns.options.is_empty() {
+            text.push_str(&format!("options {}\n", dns.options.join(" ")));
+        }
+        text
+    };
+    write(&runtime.resolv_file, resolv)
+}
+
+/// Starts `podvisor pod-init` and returns the PID (host view) of the new
+/// namespace's init and the pinned namespace file.
+fn start_pod_init(dir: &Path, exe: &Path) -> Result<(i32, PathBuf), LinuxError> {
+    use std::os::unix::process::CommandExt;
+    let output = std::process::Command::new(exe)
+        .arg("pod-init")
+        .process_group(0)
+        .stdin(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .output()
+        .map_err(LinuxError::io("starting pod init"))?;
+    let pid: i32 = String::from_utf8_lossy(&output.stdout)
+        .trim()
+        .parse()
+        .map_err(|_| LinuxError::Invalid("pod init did not report its pid".into()))?;
+    let target = dir.join("ns").join("pid");
+    std::fs::File::create(&target).map_err(LinuxError::io("creating namespace file"))?;
+    let source = format!("/proc/{pid}/ns/pid");
+    nix::mount::mount(
+        Some(source.as_str()),
+        &target,
+        None::<&str>,
+        MsFlags::MS_BIND,
+        None::<&str>,
+    )
+    .map_err(|e| LinuxError::Sys("pinning pod pid namespace", e))?;
+    Ok((pid, target))
+}
+
+/// `podvisor pod-init`: makes a PID namespace whose init reaps orphans until killed.
+pub fn pod_init_main() -> ! {
+    if nix::sched::unshare(CloneFlags::CLONE_NEWPID).is_err() {
+        std::process::exit(1);
+    }
+    // SAFETY: this process is single-threaded.
+    match unsafe { nix::unistd::fork() } {
+        Ok(nix::unistd::ForkResult::Parent { child }) => {
+            println!("{}", child.as_raw());
+            std::process::exit(0)
+        }
+        Ok(nix::unistd::ForkResult::Child) => {
+            // Let go of the daemon's pipe, so it sees the report end with our parent.
+            if let Ok(null) = std::fs::OpenOptions::new().read(true).write(true).open("/dev/null") {
+                use std::os::fd::AsRawFd;
+                for fd in 0..3 {
+                    // SAFETY: dup2 onto the standard fds of this single-threaded process.
+                    unsafe { libc::dup2(null.as_raw_fd(), fd) };
+                }
+            }
+            let _ = nix::unistd::setsid();
+            let _ = nix::unistd::chdir("/");
+            loop {
+                match nix::sys::wait::wait() {
+                    Ok(_) => {}
+                    Err(_) => {
+                        nix::unistd::pause();
+                    }
+                }
+            }
+        }
+        Err(_) => std::process::exit(1),
+    }
+}
+
+/// Stops what keeps the sandbox alive: the pod init and the network namespace.
+pub fn stop(runtime: &SandboxRuntime) {
+    if let Some(pid) = runtime.pod_init_pid {
+        kill_if_pod_init(pid);
+    }
+}
+
+fn kill_if_pod_init(pid: i32) {
+    // Only kill it if the PID still belongs to a pod init (PIDs are reused).
+    let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+    if cmdline.split(|b| *b == 0).any(|arg| arg == b"pod-init") {
+        let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGKILL);
+    }
+}
+
+/// Unmounts and deletes everything under the sandbox directory. Idempotent.
+pub fn remove(runtime: &SandboxRuntime) -> Result<(), LinuxError> {
+    stop(runtime);
+    release_namespaces(&runtime.dir.join("ns"));
+    if let Some(shm) = &runtime.shm {
+        let _ = nix::mount::umount2(shm, MntFlags::MNT_DETACH);
+    }
+    crate::sys::fs::remove_tree(&runtime.dir).map_err(LinuxError::io("removing sandbox directory"))
+}
+
+fn release_namespaces(ns_dir: &Path) {
+    for name in ["net", "ipc", "uts", "pid"] {
+        let path = ns_dir.join(name);
+        let _ = nix::mount::umount2(&path, MntFlags::MNT_DETACH);
+        let _ = std::fs::remove_file(&path);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sysctls_must_belong_to_the_pod() {
+        let mut spec = SandboxSpec::default();
+        spec.sysctls.insert("net.ipv4.ip_forward".into(), "1".into());
+        spec.sysctls.insert("kernel.shm_rmid_forced".into(), "1".into());
+        assert!(validate_sysctls(&spec).is_ok());
+        spec.namespaces.network = NamespaceMode::Node;
+        assert!(validate_sysctls(&spec).is_err(), "net.* with host network");
+        let mut spec = SandboxSpec::default();
+        spec.sysctls.insert("vm.swappiness".into(), "1".into());
+        assert!(validate_sysctls(&spec).is_err(), "a node-wide sysctl");
+    }
+}

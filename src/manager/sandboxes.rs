@@ -1,0 +1,171 @@
+//! Sandbox operations.
+
+use std::collections::HashMap;
+
+use super::records::{ContainerState, SandboxRecord, SandboxState};
+use super::spec::SandboxSpec;
+use super::{Manager, ManagerError, new_id, now_nanos, store_error};
+use crate::backend::{self, BackendKind};
+
+fn name_key(spec: &SandboxSpec) -> String {
+    let m = &spec.metadata;
+    format!("pod/{}/{}/{}/{}", m.namespace, m.name, m.uid, m.attempt)
+}
+
+impl Manager {
+    pub async fn run_sandbox(&self, spec: SandboxSpec) -> Result<String, ManagerError> {
+        let kind = backend::backend_for_handler(&spec.runtime_handler).ok_or_else(|| {
+            ManagerError::InvalidArgument(format!(
+                "unknown runtime handler {:?} (known: {:?})",
+                spec.runtime_handler,
+                backend::LINUX_HANDLERS
+            ))
+        })?;
+        if spec.metadata.name.is_empty() || spec.metadata.namespace.is_empty() {
+            return Err(ManagerError::InvalidArgument(
+                "sandbox metadata needs a name and a namespace".into(),
+            ));
+        }
+        let id = new_id();
+        let key = name_key(&spec);
+        {
+            let mut names = self.names();
+            if let Some(owner) = names.get(&key) {
+                return Err(ManagerError::AlreadyExists(format!(
+                    "sandbox name {key} is already used by {owner}"
+                )));
+            }
+            names.insert(key.clone(), id.clone());
+        }
+        let _guard = self.lock(&id).await;
+        let linux = self.inner.linux.clone();
+        let id_for_task = id.clone();
+        let spec_for_task = spec.clone();
+        let created = tokio::task::spawn_blocking(move || linux.run_sandbox(&id_for_task, &spec_for_task)).await;
+        let runtime = match created {
+            Ok(Ok(runtime)) => runtime,
+            Ok(Err(err)) => {
+                self.names().remove(&key);
+                return Err(err.into());
+            }
+            Err(join) => {
+                self.names().remove(&key);
+                return Err(ManagerError::FailedPrecondition(format!(
+                    "sandbox setup task failed: {join}"
+                )));
+            }
+        };
+        let record = SandboxRecord {
+            id: id.clone(),
+            spec,
+            state: SandboxState::Ready,
+            created_at: now_nanos(),
+            backend: kind,
+            runtime,
+        };
+        if let Err(err) = self.inner.store.save_sandbox(&record) {
+            self.inner.linux.remove_sandbox(&record.runtime);
+            self.names().remove(&key);
+            return Err(store_error("saving sandbox record")(err));
+        }
+        self.sandboxes().insert(id.clone(), record);
+        tracing::info!(sandbox = %id, "sandbox ready");
+        Ok(id)
+    }
+
+    /// Stops every container of the sandbox and what keeps it running. Unknown ids are fine.
+    pub async fn stop_sandbox(&self, id: &str) -> Result<(), ManagerError> {
+        let Some(id) = self.find_sandbox_id(id) else {
+            return Ok(());
+        };
+        let container_ids: Vec<String> = self
+            .containers()
+            .values()
+            .filter(|c| c.sandbox_id == id && c.state == ContainerState::Running)
+            .map(|c| c.id.clone())
+            .collect();
+        for container in container_ids {
+            self.stop_container(&container, 0).await?;
+        }
+        let _guard = self.lock(&id).await;
+        let Some(mut record) = self.sandboxes().get(&id).cloned() else {
+            return Ok(());
+        };
+        if record.state == SandboxState::NotReady {
+            return Ok(());
+        }
+        self.inner.linux.stop_sandbox(&record.runtime);
+        record.state = SandboxState::NotReady;
+        self.inner
+            .store
+            .save_sandbox(&record)
+            .map_err(store_error("saving sandbox record"))?;
+        self.sandboxes().insert(id.clone(), record);
+        tracing::info!(sandbox = %id, "sandbox stopped");
+        Ok(())
+    }
+
+    /// Removes the sandbox with all its containers. Unknown ids are fine.
+    pub async fn remove_sandbox(&self, id: &str) -> Result<(), ManagerError> {
+        let Some(id) = self.find_sandbox_id(id) else {
+            return Ok(());
+        };
+        let container_ids: Vec<String> = self
+            .containers()
+            .values()
+            .filter(|c| c.sandbox_id == id)
+            .map(|c| c.id.clone())
+            .collect();
+        for container in container_ids {
+            self.remove_container(&container).await?;
+        }
+        let _guard = self.lock(&id).await;
+        let Some(record) = self.sandboxes().get(&id).cloned() else {
+            return Ok(());
+        };
+        let linux = self.inner.linux.clone();
+        let runtime = record.runtime.clone();
+        let _ = tokio::task::spawn_blocking(move || linux.remove_sandbox(&runtime)).await;
+        self.inner
+            .store
+            .delete_sandbox(&id)
+            .map_err(store_error("deleting sandbox record"))?;
+        self.sandboxes().remove(&id);
+        self.names().remove(&name_key(&record.spec));
+        drop(_guard);
+        self.forget_lock(&id);
+        tracing::info!(sandbox = %id, "sandbox removed");
+        Ok(())
+    }
+
+    pub fn sandbox(&self, id: &str) -> Result<SandboxRecord, ManagerError> {
+        self.find_sandbox_id(id)
+            .and_then(|id| self.sandboxes().get(&id).cloned())
+            .ok_or_else(|| ManagerError::NotFound {
+                kind: "sandbox",
+                id: id.to_string(),
+            })
+    }
+
+    pub fn list_sandboxes(
+        &self,
+        id_prefix: &str,
+        state: Option<SandboxState>,
+        labels: &HashMap<String, String>,
+    ) -> Vec<SandboxRecord> {
+        let mut out: Vec<SandboxRecord> = self
+            .sandboxes()
+            .values()
+            .filter(|r| r.id.starts_with(id_prefix))
+            .filter(|r| state.is_none_or(|s| r.state == s))
+            .filter(|r| super::labels_match(&r.spec.labels, labels))
+            .cloned()
+            .collect();
+        out.sort_by_key(|r| r.created_at);
+        out
+    }
+
+    pub fn backend_kind(&self, record: &SandboxRecord) -> BackendKind {
+        record.backend
+    }
+}
