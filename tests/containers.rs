@@ -668,3 +668,85 @@ async fn stats_and_resource_updates() {
     assert_eq!(cgroup("cpu", "cpu.shares").trim(), "256");
     fx.remove_pod(&pod).await;
 }
+
+#[tokio::test]
+async fn fifty_pods_of_two_containers_concurrently_leave_nothing_behind() {
+    let fx = std::sync::Arc::new(Fixture::start().await);
+    let pods: Vec<_> = (0..50)
+        .map(|i| {
+            let fx = fx.clone();
+            tokio::spawn(async move {
+                let pod_config = fx.pod(&format!("many-{i}"));
+                let pod = fx.run_pod(pod_config.clone()).await;
+                for name in ["a", "b"] {
+                    let id = fx
+                        .create(&pod, &pod_config, fx.container(name, "exec sleep 1000"))
+                        .await
+                        .unwrap();
+                    fx.start_container(&id).await.unwrap();
+                }
+                pod
+            })
+        })
+        .collect();
+    let mut ids = Vec::new();
+    for pod in pods {
+        ids.push(pod.await.unwrap());
+    }
+    let running = fx
+        .runtime()
+        .await
+        .list_containers(cri::ListContainersRequest {
+            filter: Some(cri::ContainerFilter {
+                state: Some(cri::ContainerStateValue {
+                    state: cri::ContainerState::ContainerRunning as i32,
+                }),
+                ..Default::default()
+            }),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .containers;
+    assert_eq!(running.len(), 100);
+    let monitors = processes_mentioning(&format!("monitor {}", fx.daemon.state().display()));
+    assert_eq!(monitors.len(), 100);
+
+    let pod_ids = ids.clone();
+    let removals: Vec<_> = ids
+        .into_iter()
+        .map(|pod| {
+            let fx = fx.clone();
+            tokio::spawn(async move { fx.remove_pod(&pod).await })
+        })
+        .collect();
+    for removal in removals {
+        removal.await.unwrap();
+    }
+    assert!(
+        mounts_under(&fx.daemon.state()).is_empty(),
+        "{:?}",
+        mounts_under(&fx.daemon.state())
+    );
+    assert!(processes_mentioning(&format!("monitor {}", fx.daemon.state().display())).is_empty());
+    for pid in monitors {
+        assert!(
+            !std::path::Path::new(&format!("/proc/{pid}")).exists(),
+            "monitor {pid} is gone"
+        );
+    }
+    assert!(fx.daemon.entries("containers").is_empty());
+    for pod in &pod_ids {
+        for controller in ["memory", "cpu", "pids", "cpuset"] {
+            let dir = format!("/sys/fs/cgroup/{controller}/podvisor/{pod}");
+            assert!(!std::path::Path::new(&dir).exists(), "{dir} was left behind");
+        }
+    }
+    let pods = fx
+        .runtime()
+        .await
+        .list_pod_sandbox(cri::ListPodSandboxRequest { filter: None })
+        .await
+        .unwrap();
+    assert!(pods.into_inner().items.is_empty());
+}

@@ -224,7 +224,8 @@ pub fn processes_mentioning(needle: &str) -> Vec<i32> {
         let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
         let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
         let zombie = status.lines().any(|l| l.starts_with("State:") && l.contains('Z'));
-        if !zombie && String::from_utf8_lossy(&cmdline).contains(needle) {
+        let cmdline = String::from_utf8_lossy(&cmdline).replace('\0', " ");
+        if !zombie && cmdline.contains(needle) {
             found.push(pid);
         }
     }

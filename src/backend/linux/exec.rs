@@ -78,7 +78,10 @@ fn exec(config_path: &Path) -> Result<i32, String> {
     // SAFETY: this helper is single-threaded, so the child may run any code.
     match unsafe { nix::unistd::fork() }.map_err(|e| process::step_error("forking", e))? {
         ForkResult::Child => {
-            let _ = nix::unistd::setsid();
+            // Stay in the helper's process group (the daemon kills the group on
+            // timeout), and die with the helper whatever kills it.
+            // SAFETY: plain prctl with integer arguments.
+            unsafe { libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL, 0, 0, 0) };
             let message = process::exec_process(&config.process, seccomp.as_deref());
             eprintln!("podvisor exec: {message}");
             let code = if message.contains("not found") {
