@@ -750,3 +750,118 @@ async fn fifty_pods_of_two_containers_concurrently_leave_nothing_behind() {
         .unwrap();
     assert!(pods.into_inner().items.is_empty());
 }
+
+#[tokio::test]
+async fn container_events_and_log_reopen() {
+    let fx = Fixture::start().await;
+    let mut events = fx
+        .runtime()
+        .await
+        .get_container_events(cri::GetEventsRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    let (pod, id) = fx
+        .run(
+            "events",
+            fx.container(
+                "ticker",
+                "i=0; while true; do echo tick $i; i=$((i+1)); sleep 0.1; done",
+            ),
+        )
+        .await;
+    let status = fx.status(&id).await;
+    let log = std::path::PathBuf::from(&status.log_path);
+    common::wait_for(Duration::from_secs(5), "ticks", || log.exists()).await;
+
+    // kubelet rotates: rename, then ask for a reopen; new lines go to a new file.
+    let rotated = log.with_extension("log.1");
+    std::fs::rename(&log, &rotated).unwrap();
+    fx.runtime()
+        .await
+        .reopen_container_log(cri::ReopenContainerLogRequest {
+            container_id: id.clone(),
+        })
+        .await
+        .unwrap();
+    common::wait_for(Duration::from_secs(5), "lines in the reopened log", || {
+        std::fs::read_to_string(&log)
+            .unwrap_or_default()
+            .contains("stdout F tick")
+    })
+    .await;
+    assert!(std::fs::read_to_string(&rotated).unwrap().contains("stdout F tick 0"));
+
+    fx.remove_pod(&pod).await;
+    let mut kinds = Vec::new();
+    while kinds.len() < 4 {
+        let event = tokio::time::timeout(Duration::from_secs(5), events.message())
+            .await
+            .expect("an event in time")
+            .unwrap()
+            .unwrap();
+        assert_eq!(event.container_id, id);
+        kinds.push(event.container_event_type);
+    }
+    use cri::ContainerEventType::*;
+    assert_eq!(
+        kinds,
+        [
+            ContainerCreatedEvent,
+            ContainerStartedEvent,
+            ContainerStoppedEvent,
+            ContainerDeletedEvent
+        ]
+        .map(|k| k as i32)
+    );
+}
+
+#[tokio::test]
+async fn host_namespaces() {
+    let fx = Fixture::start().await;
+    let mut pod_config = fx.pod("host");
+    pod_config.linux.as_mut().unwrap().security_context = Some(cri::LinuxSandboxSecurityContext {
+        namespace_options: Some(cri::NamespaceOption {
+            network: cri::NamespaceMode::Node as i32,
+            pid: cri::NamespaceMode::Node as i32,
+            ipc: cri::NamespaceMode::Node as i32,
+            ..Default::default()
+        }),
+        ..Default::default()
+    });
+    let pod = fx.run_pod(pod_config.clone()).await;
+    let mut config = fx.container("host", "exec sleep 1000");
+    security(&mut config).namespace_options = Some(cri::NamespaceOption {
+        network: cri::NamespaceMode::Node as i32,
+        pid: cri::NamespaceMode::Node as i32,
+        ipc: cri::NamespaceMode::Node as i32,
+        ..Default::default()
+    });
+    let id = fx.create(&pod, &pod_config, config).await.unwrap();
+    fx.start_container(&id).await.unwrap();
+    let ns = |pid: &str, kind: &str| std::fs::read_link(format!("/proc/{pid}/ns/{kind}")).unwrap();
+    let out = fx
+        .exec(
+            &id,
+            &[
+                "sh",
+                "-c",
+                "for n in net pid ipc; do readlink /proc/self/ns/$n; done",
+            ],
+        )
+        .await;
+    let text = String::from_utf8_lossy(&out.stdout).to_string();
+    for kind in ["net", "pid", "ipc"] {
+        assert!(
+            text.contains(ns("self", kind).to_str().unwrap()),
+            "{kind} is the node's: {text}"
+        );
+    }
+    let hostname = nix::unistd::gethostname().unwrap().to_string_lossy().into_owned();
+    let out = fx.exec(&id, &["cat", "/etc/hostname"]).await;
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).trim(),
+        hostname,
+        "host network pods carry the node's name"
+    );
+}

@@ -66,11 +66,9 @@ impl ImageService for ImageServiceImpl {
     ) -> Result<Response<BoxStream<cri::StreamImagesResponse>>, Status> {
         let images = self.filtered(request.into_inner().filter)?;
         // Batches keep each message well under gRPC's default 4 MiB limit.
-        let batches: Vec<_> = images
-            .chunks(500)
-            .map(|chunk| Ok(cri::StreamImagesResponse { images: chunk.to_vec() }))
-            .collect();
-        Ok(Response::new(Box::pin(tokio_stream::iter(batches))))
+        Ok(Response::new(super::batched(images, 500, |images| {
+            cri::StreamImagesResponse { images }
+        })))
     }
 
     async fn image_status(

@@ -26,6 +26,17 @@ pub mod proto {
     }
 }
 
+/// Sends a list in batches, as the CRI's `Stream*` calls do, keeping each
+/// message well under gRPC's default 4 MiB limit.
+fn batched<T: Clone, M: Send + 'static>(
+    items: Vec<T>,
+    size: usize,
+    wrap: impl Fn(Vec<T>) -> M,
+) -> tonic::codegen::BoxStream<M> {
+    let batches: Vec<Result<M, tonic::Status>> = items.chunks(size).map(|chunk| Ok(wrap(chunk.to_vec()))).collect();
+    Box::pin(tokio_stream::iter(batches))
+}
+
 /// The CRI API version this runtime speaks.
 pub const CRI_API_VERSION: &str = "v1";
 pub const RUNTIME_NAME: &str = "podvisor";

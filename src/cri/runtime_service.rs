@@ -214,15 +214,9 @@ impl RuntimeService for RuntimeServiceImpl {
         request: Request<cri::StreamPodSandboxesRequest>,
     ) -> Result<Response<BoxStream<cri::StreamPodSandboxesResponse>>, Status> {
         let items = self.sandboxes(request.into_inner().filter);
-        let batches: Vec<_> = items
-            .chunks(500)
-            .map(|chunk| {
-                Ok(cri::StreamPodSandboxesResponse {
-                    pod_sandboxes: chunk.to_vec(),
-                })
-            })
-            .collect();
-        Ok(Response::new(Box::pin(tokio_stream::iter(batches))))
+        Ok(Response::new(super::batched(items, 500, |pod_sandboxes| {
+            cri::StreamPodSandboxesResponse { pod_sandboxes }
+        })))
     }
 
     async fn create_container(
@@ -289,15 +283,9 @@ impl RuntimeService for RuntimeServiceImpl {
         request: Request<cri::StreamContainersRequest>,
     ) -> Result<Response<BoxStream<cri::StreamContainersResponse>>, Status> {
         let containers = self.containers(request.into_inner().filter);
-        let batches: Vec<_> = containers
-            .chunks(500)
-            .map(|chunk| {
-                Ok(cri::StreamContainersResponse {
-                    containers: chunk.to_vec(),
-                })
-            })
-            .collect();
-        Ok(Response::new(Box::pin(tokio_stream::iter(batches))))
+        Ok(Response::new(super::batched(containers, 500, |containers| {
+            cri::StreamContainersResponse { containers }
+        })))
     }
 
     async fn container_status(
@@ -392,15 +380,9 @@ impl RuntimeService for RuntimeServiceImpl {
         request: Request<cri::StreamContainerStatsRequest>,
     ) -> Result<Response<BoxStream<cri::StreamContainerStatsResponse>>, Status> {
         let stats = self.stats_list(request.into_inner().filter);
-        let batches: Vec<_> = stats
-            .chunks(200)
-            .map(|chunk| {
-                Ok(cri::StreamContainerStatsResponse {
-                    container_stats: chunk.to_vec(),
-                })
-            })
-            .collect();
-        Ok(Response::new(Box::pin(tokio_stream::iter(batches))))
+        Ok(Response::new(super::batched(stats, 200, |container_stats| {
+            cri::StreamContainerStatsResponse { container_stats }
+        })))
     }
 
     async fn pod_sandbox_stats(
@@ -429,15 +411,9 @@ impl RuntimeService for RuntimeServiceImpl {
         request: Request<cri::StreamPodSandboxStatsRequest>,
     ) -> Result<Response<BoxStream<cri::StreamPodSandboxStatsResponse>>, Status> {
         let stats = self.sandbox_stats_list(request.into_inner().filter);
-        let batches: Vec<_> = stats
-            .chunks(200)
-            .map(|chunk| {
-                Ok(cri::StreamPodSandboxStatsResponse {
-                    pod_sandbox_stats: chunk.to_vec(),
-                })
-            })
-            .collect();
-        Ok(Response::new(Box::pin(tokio_stream::iter(batches))))
+        Ok(Response::new(super::batched(stats, 200, |pod_sandbox_stats| {
+            cri::StreamPodSandboxStatsResponse { pod_sandbox_stats }
+        })))
     }
 
     async fn get_container_events(
