@@ -60,6 +60,8 @@ fn exec(config_path: &Path) -> Result<i32, String> {
         std::fs::write(procs, &pid)
             .map_err(|e| process::step_error(&format!("joining cgroup {}", procs.display()), e))?;
     }
+    // Opened before joining the mount namespace, after which host paths mean nothing.
+    let mut pid_file = File::create(pid_path(config_path)).map_err(|e| process::step_error("creating pid file", e))?;
     // Open every namespace first: after joining the mount namespace /proc is the container's.
     let mut files = Vec::new();
     for (flag, name) in JOIN_ORDER {
@@ -92,14 +94,28 @@ fn exec(config_path: &Path) -> Result<i32, String> {
             // SAFETY: ends the child without running the parent's exit handlers.
             unsafe { libc::_exit(code) }
         }
-        ForkResult::Parent { child } => loop {
-            match waitpid(child, None) {
-                Ok(WaitStatus::Exited(_, code)) => return Ok(code),
-                Ok(WaitStatus::Signaled(_, signal, _)) => return Ok(128 + signal as i32),
-                Ok(_) => continue,
-                Err(nix::errno::Errno::EINTR) => continue,
-                Err(err) => return Err(process::step_error("waiting for the process", err)),
-            }
-        },
+        ForkResult::Parent { child } => {
+            // The daemon kills the process through this on timeout, then waits for us to reap it.
+            let _ = std::io::Write::write_all(&mut pid_file, child.as_raw().to_string().as_bytes());
+            drop(pid_file);
+            wait_for(child)
+        }
+    }
+}
+
+/// Where the helper records the PID of the process it started.
+pub fn pid_path(config_path: &Path) -> PathBuf {
+    config_path.with_extension("pid")
+}
+
+fn wait_for(child: nix::unistd::Pid) -> Result<i32, String> {
+    loop {
+        match waitpid(child, None) {
+            Ok(WaitStatus::Exited(_, code)) => return Ok(code),
+            Ok(WaitStatus::Signaled(_, signal, _)) => return Ok(128 + signal as i32),
+            Ok(_) => continue,
+            Err(nix::errno::Errno::EINTR) => continue,
+            Err(err) => return Err(process::step_error("waiting for the process", err)),
+        }
     }
 }

@@ -378,6 +378,7 @@ impl LinuxBackend {
         crate::sys::fs::atomic_write_json(&config_path, &config).map_err(LinuxError::io("writing exec config"))?;
         let result = self.run_exec_helper(&config_path, timeout).await;
         let _ = std::fs::remove_file(&config_path);
+        let _ = std::fs::remove_file(exec::pid_path(&config_path));
         result
     }
 
@@ -393,33 +394,42 @@ impl LinuxBackend {
             .spawn()
             .map_err(LinuxError::io("starting exec helper"))?;
         let pgid = nix::unistd::Pid::from_raw(child.id().unwrap_or_default() as i32);
-        let stdout = child.stdout.take().expect("stdout is piped");
-        let stderr = child.stderr.take().expect("stderr is piped");
-        let collect = async {
-            let (out, err, status) = tokio::join!(read_capped(stdout), read_capped(stderr), child.wait());
-            (out, err, status)
+        let stdout = tokio::spawn(read_capped(child.stdout.take().expect("stdout is piped")));
+        let stderr = tokio::spawn(read_capped(child.stderr.take().expect("stderr is piped")));
+        let finished = match timeout {
+            Some(limit) => tokio::time::timeout(limit, child.wait()).await.ok(),
+            None => Some(child.wait().await),
         };
-        let outcome = match timeout {
-            Some(limit) => tokio::time::timeout(limit, collect).await.ok(),
-            None => Some(collect.await),
-        };
-        match outcome {
-            Some((stdout, stderr, status)) => {
-                let status = status.map_err(LinuxError::io("waiting for exec helper"))?;
-                use std::os::unix::process::ExitStatusExt;
-                let exit_code = status.code().unwrap_or_else(|| 128 + status.signal().unwrap_or(0));
-                Ok(ExecOutput {
-                    stdout,
-                    stderr,
-                    exit_code,
-                })
+        let Some(status) = finished else {
+            // Kill the process; the helper reaps it (so it cannot linger as a
+            // zombie inside the container) and exits. Then the whole group, to be sure.
+            let pid = std::fs::read_to_string(exec::pid_path(config_path))
+                .ok()
+                .and_then(|p| p.trim().parse().ok());
+            if let Some(pid) = pid {
+                let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGKILL);
             }
-            None => {
-                // The helper and the process it started share its process group.
+            if tokio::time::timeout(Duration::from_secs(5), child.wait())
+                .await
+                .is_err()
+            {
                 let _ = nix::sys::signal::killpg(pgid, nix::sys::signal::Signal::SIGKILL);
-                Err(LinuxError::Timeout(timeout.unwrap_or_default()))
+                let _ = child.wait().await;
             }
-        }
+            stdout.abort();
+            stderr.abort();
+            return Err(LinuxError::Timeout(timeout.unwrap_or_default()));
+        };
+        let status = status.map_err(LinuxError::io("waiting for exec helper"))?;
+        let stdout = stdout.await.unwrap_or_default();
+        let stderr = stderr.await.unwrap_or_default();
+        use std::os::unix::process::ExitStatusExt;
+        let exit_code = status.code().unwrap_or_else(|| 128 + status.signal().unwrap_or(0));
+        Ok(ExecOutput {
+            stdout,
+            stderr,
+            exit_code,
+        })
     }
 }
 
