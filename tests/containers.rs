@@ -523,8 +523,15 @@ async fn exec_timeout_kills_the_process() {
     assert!(started.elapsed() < Duration::from_secs(5));
     // Gone at once, not even a zombie inside the container (as critest checks).
     assert!(processes_mentioning("sleep 77").is_empty());
-    let out = fx.exec(&id, &["sh", "-c", "ps -o stat,args | grep 'sleep 7[7]' || true"]).await;
-    assert_eq!(String::from_utf8_lossy(&out.stdout), "", "{}", String::from_utf8_lossy(&out.stderr));
+    let out = fx
+        .exec(&id, &["sh", "-c", "ps -o stat,args | grep 'sleep 7[7]' || true"])
+        .await;
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout),
+        "",
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 }
 
 #[tokio::test]
@@ -860,4 +867,61 @@ async fn host_namespaces() {
         hostname,
         "host network pods carry the node's name"
     );
+}
+
+#[tokio::test]
+async fn privileged_containers_get_every_capability_the_node_has() {
+    let fx = Fixture::start().await;
+    let mut config = fx.container("privileged", "grep -E '^CapEff:' /proc/self/status; touch /sys/kernel/x 2>/dev/null; mkdir -p /tmp/m && mount -t tmpfs none /tmp/m && echo mounted");
+    security(&mut config).privileged = true;
+    let (status, text) = fx.output_of("privileged", config).await;
+    let own = std::fs::read_to_string("/proc/self/status").unwrap();
+    assert_eq!(status_field(&text, "CapEff:"), status_field(&own, "CapEff:"), "{text}");
+    assert!(text.contains("mounted"), "{text}");
+
+    let mut config = fx.container("all", "grep -E '^CapEff:' /proc/self/status");
+    security(&mut config).capabilities = Some(cri::Capability {
+        add_capabilities: vec!["ALL".into()],
+        ..Default::default()
+    });
+    let (_, text) = fx.output_of("all", config).await;
+    assert_eq!(status_field(&text, "CapEff:"), status_field(&own, "CapEff:"));
+
+    // Seccomp without no_new_privs is installed while the process may still do so.
+    let mut config = fx.container("seccomp", "grep -E '^(Seccomp|NoNewPrivs):' /proc/self/status");
+    security(&mut config).seccomp = Some(cri::SecurityProfile {
+        profile_type: cri::security_profile::ProfileType::RuntimeDefault as i32,
+        localhost_ref: String::new(),
+    });
+    let (status, text) = fx.output_of("seccomp", config).await;
+    assert_eq!(status.exit_code, 0, "{text}");
+    assert_eq!(
+        (status_field(&text, "Seccomp:"), status_field(&text, "NoNewPrivs:")),
+        ("2", "0")
+    );
+}
+
+#[tokio::test]
+async fn recursive_readonly_needs_readonly_and_private_propagation() {
+    let fx = Fixture::start().await;
+    let pod_config = fx.pod("rro");
+    let pod = fx.run_pod(pod_config.clone()).await;
+    let dir = tempfile::tempdir().unwrap();
+    for (readonly, propagation) in [
+        (false, cri::MountPropagation::PropagationPrivate),
+        (true, cri::MountPropagation::PropagationHostToContainer),
+        (true, cri::MountPropagation::PropagationBidirectional),
+    ] {
+        let mut config = fx.container("rro", "true");
+        config.mounts = vec![cri::Mount {
+            container_path: "/data".into(),
+            host_path: dir.path().display().to_string(),
+            readonly,
+            recursive_read_only: true,
+            propagation: propagation as i32,
+            ..Default::default()
+        }];
+        let err = fx.create(&pod, &pod_config, config).await.unwrap_err();
+        assert_eq!(err.code(), Code::InvalidArgument, "{readonly} {propagation:?}");
+    }
 }

@@ -413,7 +413,11 @@ pub fn container_status(record: &ContainerRecord) -> cri::ContainerStatus {
             linux: Some(cri::LinuxContainerUser {
                 uid: i64::from(record.runtime.uid),
                 gid: i64::from(record.runtime.gid),
-                supplemental_groups: Vec::new(),
+                supplemental_groups: {
+                    let mut groups: Vec<i64> = record.runtime.groups.iter().map(|g| i64::from(*g)).collect();
+                    groups.sort_unstable();
+                    groups
+                },
             }),
         }),
         stop_signal: 0,

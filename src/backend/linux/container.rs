@@ -47,6 +47,9 @@ pub struct ContainerRuntime {
     pub log_path: PathBuf,
     pub uid: u32,
     pub gid: u32,
+    /// Every group the process is in, the primary one included.
+    #[serde(default)]
+    pub groups: Vec<u32>,
 }
 
 /// Everything a container is made from.
@@ -122,7 +125,13 @@ pub fn read_image_file(layer_dirs: &[PathBuf], relative: &str) -> String {
 
 fn resolve_capabilities(spec: &ContainerSpec, uid: u32) -> Result<CapabilitySets, LinuxError> {
     let security = &spec.security;
-    let all: Vec<String> = caps::all().into_iter().map(|c| c.to_string()).collect();
+    // "All" means all this runtime holds: a container can get no more than its creator.
+    let mut all: Vec<String> = caps::read(None, caps::CapSet::Permitted)
+        .unwrap_or_else(|_| caps::all())
+        .into_iter()
+        .map(|c| c.to_string())
+        .collect();
+    all.sort();
     let normalize = |name: &String| {
         let upper = name.to_ascii_uppercase();
         if upper == "ALL" || upper.starts_with("CAP_") {
@@ -200,13 +209,23 @@ pub fn init_config(plan: &ContainerPlan<'_>) -> Result<InitConfig, LinuxError> {
         image_config.user.clone()
     };
     let mut user = users::resolve(&user_text, &passwd, &group).map_err(|e| LinuxError::Invalid(e.to_string()))?;
+    if security.run_as_group.is_some() && security.run_as_user.is_none() && security.run_as_username.is_empty() {
+        return Err(LinuxError::Invalid(
+            "run_as_group needs run_as_user or run_as_username to be set too".into(),
+        ));
+    }
     if let Some(gid) = security.run_as_group {
         user.gid =
             u32::try_from(gid).map_err(|_| LinuxError::Invalid(format!("run_as_group {gid} is out of range")))?;
     }
-    let mut additional_gids: Vec<u32> = Vec::new();
+    // The primary group leads the list, as `id -G` shows it.
+    let mut additional_gids: Vec<u32> = vec![user.gid];
     if security.supplemental_groups_policy == crate::manager::spec::SupplementalGroupsPolicy::Merge {
-        additional_gids.extend(&user.image_groups);
+        for gid in &user.image_groups {
+            if !additional_gids.contains(gid) {
+                additional_gids.push(*gid);
+            }
+        }
     }
     for gid in &security.supplemental_groups {
         let gid = u32::try_from(*gid)
@@ -265,6 +284,12 @@ pub fn init_config(plan: &ContainerPlan<'_>) -> Result<InitConfig, LinuxError> {
                 mount.container_path
             )));
         }
+        if mount.recursive_readonly && (!mount.readonly || mount.propagation != MountPropagation::Private) {
+            return Err(LinuxError::Invalid(format!(
+                "recursive read-only mount {} must be read-only with private propagation",
+                mount.container_path
+            )));
+        }
         let propagation = propagation(mount.propagation);
         match propagation {
             Propagation::Shared => root_propagation = Propagation::Shared,
@@ -275,7 +300,7 @@ pub fn init_config(plan: &ContainerPlan<'_>) -> Result<InitConfig, LinuxError> {
             destination: mount.container_path.clone(),
             source,
             kind: MountKind::Bind,
-            readonly: mount.readonly || mount.recursive_readonly,
+            readonly: mount.readonly,
             recursive_readonly: mount.recursive_readonly,
             propagation,
             recursive: true,

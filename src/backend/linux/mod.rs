@@ -225,6 +225,7 @@ impl LinuxBackend {
             log_path: plan.log_path.clone(),
             uid: config.process.uid,
             gid: config.process.gid,
+            groups: config.process.additional_gids.clone(),
         })
     }
 

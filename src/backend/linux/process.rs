@@ -94,6 +94,12 @@ fn prepare(config: &ProcessConfig, seccomp: Option<&[u8]>) -> Result<(), String>
         // Best effort: lowering it is refused on some hosts.
         let _ = std::fs::write("/proc/self/oom_score_adj", adj.to_string());
     }
+    // Without no_new_privs the kernel only takes a filter from a process with
+    // CAP_SYS_ADMIN: install it now, while we still have it (runc does the same).
+    let seccomp_early = seccomp.filter(|_| !config.no_new_privs);
+    if let Some(filter) = seccomp_early {
+        crate::backend::linux::seccomp::install(filter).map_err(|e| step_error("installing seccomp filter", e))?;
+    }
     let bounding = parse_caps(&config.capabilities.bounding)?;
     // Drop from the bounding set while still privileged.
     for cap in caps::all() {
@@ -139,7 +145,7 @@ fn prepare(config: &ProcessConfig, seccomp: Option<&[u8]>) -> Result<(), String>
             return Err(step_error("setting no_new_privs", std::io::Error::last_os_error()));
         }
     }
-    if let Some(filter) = seccomp {
+    if let Some(filter) = seccomp.filter(|_| config.no_new_privs) {
         crate::backend::linux::seccomp::install(filter).map_err(|e| step_error("installing seccomp filter", e))?;
     }
     Ok(())
