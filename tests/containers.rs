@@ -874,7 +874,7 @@ async fn privileged_containers_get_every_capability_the_node_has() {
     let fx = Fixture::start().await;
     let mut config = fx.container("privileged", "grep -E '^CapEff:' /proc/self/status; touch /sys/kernel/x 2>/dev/null; mkdir -p /tmp/m && mount -t tmpfs none /tmp/m && echo mounted");
     security(&mut config).privileged = true;
-    let (status, text) = fx.output_of("privileged", config).await;
+    let (_, text) = fx.output_of("privileged", config).await;
     let own = std::fs::read_to_string("/proc/self/status").unwrap();
     assert_eq!(status_field(&text, "CapEff:"), status_field(&own, "CapEff:"), "{text}");
     assert!(text.contains("mounted"), "{text}");
