@@ -925,3 +925,31 @@ async fn recursive_readonly_needs_readonly_and_private_propagation() {
         assert_eq!(err.code(), Code::InvalidArgument, "{readonly} {propagation:?}");
     }
 }
+
+#[tokio::test]
+async fn containers_without_a_log_directory_discard_output_safely() {
+    use std::os::unix::fs::FileTypeExt;
+    let fx = Fixture::start().await;
+    let mut pod_config = fx.pod("nolog");
+    pod_config.log_directory = String::new();
+    let pod = fx.run_pod(pod_config.clone()).await;
+    let id = fx
+        .create(
+            &pod,
+            &pod_config,
+            fx.container("quiet", "echo discarded; exec sleep 1000"),
+        )
+        .await
+        .unwrap();
+    fx.start_container(&id).await.unwrap();
+    assert_eq!(fx.status(&id).await.log_path, "", "no path is handed out");
+    fx.runtime()
+        .await
+        .reopen_container_log(cri::ReopenContainerLogRequest {
+            container_id: id.clone(),
+        })
+        .await
+        .unwrap();
+    assert!(std::fs::metadata("/dev/null").unwrap().file_type().is_char_device());
+    fx.remove_pod(&pod).await;
+}

@@ -57,7 +57,8 @@ impl Manager {
             Err(err) => return Err(err.into()),
         };
         let log_path = if sandbox.spec.log_directory.is_empty() || spec.log_path.is_empty() {
-            PathBuf::from("/dev/null")
+            // No log: output is discarded, and no path is handed out for clients to touch.
+            PathBuf::new()
         } else {
             log_path_under(&sandbox.spec.log_directory, &spec.log_path)?
         };
@@ -400,6 +401,9 @@ impl Manager {
                 )));
             }
         };
+        if record.runtime.log_path.as_os_str().is_empty() {
+            return Ok(());
+        }
         self.inner.linux.reopen_log(monitor_pid)?;
         // The monitor creates the file again; wait until it has.
         for _ in 0..100 {

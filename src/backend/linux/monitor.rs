@@ -288,18 +288,29 @@ fn kill_leftovers(cgroup_path: &str) {
     }
 }
 
+/// Opens the CRI log for appending; without a log path (or when it cannot be
+/// opened) output is discarded. Never creates anything but the log itself.
 fn open_log(path: &Path) -> File {
     use std::os::unix::fs::OpenOptionsExt;
-    if let Some(parent) = path.parent() {
-        let _ = std::fs::create_dir_all(parent);
-    }
-    std::fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .mode(0o640)
-        .open(path)
-        .or_else(|_| File::create("/dev/null"))
-        .expect("/dev/null can always be opened")
+    let opened = if path.as_os_str().is_empty() {
+        None
+    } else {
+        if let Some(parent) = path.parent() {
+            let _ = std::fs::create_dir_all(parent);
+        }
+        std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .mode(0o640)
+            .open(path)
+            .ok()
+    };
+    opened.unwrap_or_else(|| {
+        std::fs::OpenOptions::new()
+            .write(true)
+            .open("/dev/null")
+            .expect("/dev/null can be opened")
+    })
 }
 
 struct Pump {
