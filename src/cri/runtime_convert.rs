@@ -38,11 +38,8 @@ fn namespace_mode_to_cri(mode: NamespaceMode) -> i32 {
 
 fn namespaces(options: Option<&cri::NamespaceOption>) -> Result<Namespaces, String> {
     let Some(options) = options else {
-        // CRI defaults: pod network and IPC, per-container PID namespace.
-        return Ok(Namespaces {
-            pid: NamespaceMode::Container,
-            ..Default::default()
-        });
+        // Absent options read as their proto defaults: everything POD.
+        return Ok(Namespaces::default());
     };
     if let Some(userns) = &options.userns_options
         && cri::NamespaceMode::try_from(userns.mode).unwrap_or(cri::NamespaceMode::Node) != cri::NamespaceMode::Node

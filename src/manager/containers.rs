@@ -258,27 +258,34 @@ impl Manager {
                 .unwrap_or_default()
         };
         let signal = signal_from_name(&signal).unwrap_or(nix::sys::signal::Signal::SIGTERM);
-        if let Some(pid) = record.pid {
-            send_signal(pid, record.monitor_pid, record.monitor_start_time, signal);
-        }
-        let deadline = std::time::Instant::now() + Duration::from_secs(timeout.max(0) as u64);
-        loop {
+        let kill = |signal| {
+            if let Some(pid) = record.pid {
+                send_signal(pid, record.monitor_pid, record.monitor_start_time, signal);
+            }
+        };
+        // A zero timeout means SIGKILL at once, as other runtimes do.
+        if timeout > 0 {
+            kill(signal);
+            let deadline = std::time::Instant::now() + Duration::from_secs(timeout as u64);
+            while self.is_running(&id) {
+                if std::time::Instant::now() >= deadline {
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
             if !self.is_running(&id) {
                 return Ok(());
             }
-            if std::time::Instant::now() >= deadline {
-                break;
-            }
-            tokio::time::sleep(Duration::from_millis(10)).await;
         }
-        self.inner.linux.kill_all(&record.runtime);
-        if let Some(pid) = record.pid {
-            send_signal(
-                pid,
-                record.monitor_pid,
-                record.monitor_start_time,
-                nix::sys::signal::Signal::SIGKILL,
-            );
+        // The workload first; the monitor kills what it leaves. The whole
+        // cgroup only if that did not end it.
+        kill(nix::sys::signal::Signal::SIGKILL);
+        let grace = std::time::Instant::now() + Duration::from_secs(2);
+        while self.is_running(&id) && std::time::Instant::now() < grace {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        if self.is_running(&id) {
+            self.inner.linux.kill_all(&record.runtime);
         }
         let deadline = std::time::Instant::now() + Duration::from_secs(30);
         while self.is_running(&id) {

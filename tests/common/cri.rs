@@ -56,7 +56,14 @@ impl Fixture {
             }),
             hostname: name.into(),
             log_directory: self.logs.path().join(name).display().to_string(),
-            linux: Some(cri::LinuxPodSandboxConfig::default()),
+            // What kubelet sends for a pod without shareProcessNamespace.
+            linux: Some(cri::LinuxPodSandboxConfig {
+                security_context: Some(cri::LinuxSandboxSecurityContext {
+                    namespace_options: Some(kubelet_namespaces()),
+                    ..Default::default()
+                }),
+                ..Default::default()
+            }),
             ..Default::default()
         }
     }
@@ -72,7 +79,10 @@ impl Fixture {
             log_path: format!("{name}.log"),
             linux: Some(cri::LinuxContainerConfig {
                 resources: None,
-                security_context: Some(cri::LinuxContainerSecurityContext::default()),
+                security_context: Some(cri::LinuxContainerSecurityContext {
+                    namespace_options: Some(kubelet_namespaces()),
+                    ..Default::default()
+                }),
             }),
             ..Default::default()
         }
@@ -230,6 +240,14 @@ pub fn processes_mentioning(needle: &str) -> Vec<i32> {
         }
     }
     found
+}
+
+/// Pod network and IPC, a PID namespace per container: kubelet's default.
+pub fn kubelet_namespaces() -> cri::NamespaceOption {
+    cri::NamespaceOption {
+        pid: cri::NamespaceMode::Container as i32,
+        ..Default::default()
+    }
 }
 
 pub fn no_labels() -> HashMap<String, String> {
