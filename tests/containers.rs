@@ -953,3 +953,40 @@ async fn containers_without_a_log_directory_discard_output_safely() {
     assert!(std::fs::metadata("/dev/null").unwrap().file_type().is_char_device());
     fx.remove_pod(&pod).await;
 }
+
+#[tokio::test]
+async fn a_cgroup_parent_from_kubelet_is_used_and_left_to_kubelet() {
+    let fx = Fixture::start().await;
+    let parent = format!("/kubepods-test-{}/pod{}", std::process::id(), rand_suffix());
+    let mut pod_config = fx.pod("parent");
+    pod_config.linux.as_mut().unwrap().cgroup_parent = parent.clone();
+    let pod = fx.run_pod(pod_config.clone()).await;
+    let id = fx
+        .create(&pod, &pod_config, fx.container("c", "exec sleep 1000"))
+        .await
+        .unwrap();
+    fx.start_container(&id).await.unwrap();
+    let container_dir = format!("/sys/fs/cgroup/memory{parent}/{id}");
+    assert!(std::path::Path::new(&container_dir).exists(), "{container_dir}");
+    fx.remove_pod(&pod).await;
+    assert!(!std::path::Path::new(&container_dir).exists());
+    let parent_dir = format!("/sys/fs/cgroup/memory{parent}");
+    assert!(std::path::Path::new(&parent_dir).exists(), "kubelet's pod cgroup stays");
+    // Tidy up what kubelet would have removed.
+    for controller in [
+        "memory", "cpu", "cpuacct", "cpuset", "pids", "blkio", "devices", "freezer", "unified",
+    ] {
+        let _ = std::fs::remove_dir(format!("/sys/fs/cgroup/{controller}{parent}"));
+        let _ = std::fs::remove_dir(format!(
+            "/sys/fs/cgroup/{controller}/kubepods-test-{}",
+            std::process::id()
+        ));
+    }
+}
+
+fn rand_suffix() -> u32 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .subsec_nanos()
+}

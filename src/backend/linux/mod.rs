@@ -148,11 +148,13 @@ impl LinuxBackend {
                 }
             }
             runtime.cgroup_path = cgroup_path.clone();
+            runtime.owns_cgroup = spec.cgroup_parent.is_empty();
             Ok(runtime)
         })();
         if result.is_err() {
             self.remove_sandbox(&SandboxRuntime {
                 dir,
+                owns_cgroup: spec.cgroup_parent.is_empty(),
                 cgroup_path,
                 ..Default::default()
             });
@@ -176,7 +178,13 @@ impl LinuxBackend {
         {
             tracing::warn!(error = %crate::error_chain(&err), "removing sandbox files");
         }
-        if let Some(cgroup) = self.cgroup(&runtime.cgroup_path) {
+        // A cgroup parent given by kubelet is kubelet's: only what podvisor put in it goes.
+        let path = if runtime.owns_cgroup {
+            runtime.cgroup_path.clone()
+        } else {
+            format!("{}/init", runtime.cgroup_path)
+        };
+        if let Some(cgroup) = self.cgroup(&path) {
             let _ = cgroup.kill_all();
             if let Err(err) = cgroup.delete() {
                 tracing::warn!(error = %crate::error_chain(&err), "removing pod cgroup");

@@ -22,6 +22,9 @@ pub struct SandboxRuntime {
     pub pidns: Option<PathBuf>,
     pub pod_init_pid: Option<i32>,
     pub cgroup_path: String,
+    /// Whether podvisor made the pod cgroup (no cgroup parent was given), and so removes it.
+    #[serde(default)]
+    pub owns_cgroup: bool,
     /// The pod's /dev/shm (a tmpfs), unless it uses the node's IPC namespace.
     pub shm: Option<PathBuf>,
     pub hostname_file: PathBuf,
