@@ -65,6 +65,8 @@ pub async fn run(options: DaemonOptions, shutdown: impl Future<Output = ()> + Se
     let images = ImageStore::open(&options.root, config.registry.clone()).map_err(DaemonError::Images)?;
     let manager =
         crate::manager::Manager::new(images.clone(), &options.root, &options.state).map_err(DaemonError::Manager)?;
+    // Only now do containers' pins protect the image content they use.
+    images.collect_garbage().map_err(DaemonError::Images)?;
     let socket = cri::socket::socket_path(&options.listen);
     let info = RuntimeInfo {
         root: options.root.clone(),

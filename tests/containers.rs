@@ -990,3 +990,30 @@ fn rand_suffix() -> u32 {
         .unwrap()
         .subsec_nanos()
 }
+
+#[tokio::test]
+async fn removing_an_image_in_use_keeps_its_layers_until_the_container_goes() {
+    let mut fx = Fixture::start().await;
+    let (pod, id) = fx.run("inuse", fx.container("c", "exec sleep 1000")).await;
+    fx.daemon
+        .images()
+        .await
+        .remove_image(cri::RemoveImageRequest {
+            image: Some(common::daemon::spec(&fx.image)),
+        })
+        .await
+        .unwrap();
+    assert!(
+        !fx.daemon.entries("snapshots").is_empty(),
+        "the container's layers stay"
+    );
+    fx.daemon.restart().await; // and across a restart
+    assert!(!fx.daemon.entries("snapshots").is_empty());
+    let out = fx.exec(&id, &["ls", "/bin/busybox"]).await;
+    assert_eq!(out.exit_code, 0);
+    fx.remove_pod(&pod).await;
+    common::wait_for(Duration::from_secs(5), "the layers to be freed", || {
+        fx.daemon.entries("snapshots").is_empty()
+    })
+    .await;
+}

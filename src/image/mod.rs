@@ -113,6 +113,8 @@ struct Inner {
     fetch_locks: pull::KeyedLocks,
     /// Content that pulls in flight need; garbage collection leaves it alone.
     leases: Mutex<std::collections::HashMap<String, usize>>,
+    /// Content that containers use, by container id: kept even when its image is removed.
+    pins: Mutex<std::collections::HashMap<String, Vec<String>>>,
     progress: tokio::sync::broadcast::Sender<PullEvent>,
 }
 
@@ -169,10 +171,10 @@ impl ImageStore {
                 commit_lock: tokio::sync::Mutex::new(()),
                 fetch_locks: pull::KeyedLocks::default(),
                 leases: Mutex::new(Default::default()),
+                pins: Mutex::new(Default::default()),
                 progress,
             }),
         };
-        store.collect_garbage_now()?;
         Ok(store)
     }
 
@@ -266,8 +268,45 @@ impl ImageStore {
 
     /// Moves every blob and snapshot no image (and no pull in flight) refers to
     /// out of the store, then deletes it in the background.
+    /// The content a container uses: its image's config, manifest and layers.
+    pub fn content_of(record: &ImageRecord) -> Vec<String> {
+        let mut digests = vec![record.id.clone(), record.manifest_digest.clone()];
+        digests.extend(record.layers.iter().map(|l| l.diff_id.clone()));
+        digests
+    }
+
+    /// Keeps `digests` (from [`ImageStore::content_of`]) for `owner` until unpinned.
+    pub fn pin(&self, owner: &str, digests: Vec<String>) {
+        self.inner
+            .pins
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(owner.to_string(), digests);
+    }
+
+    /// Releases what `owner` pinned and frees it if nothing else needs it.
+    pub fn unpin(&self, owner: &str) {
+        let removed = self.inner.pins.lock().unwrap_or_else(|e| e.into_inner()).remove(owner);
+        if removed.is_some()
+            && let Err(err) = self.collect_garbage_now()
+        {
+            tracing::warn!(error = %crate::error_chain(&err), "freeing image content");
+        }
+    }
+
+    /// Frees blobs and snapshots nothing refers to. Called at start once
+    /// containers have pinned what they use, and after removals.
+    pub fn collect_garbage(&self) -> Result<(), ImageError> {
+        self.collect_garbage_now()
+    }
+
     fn collect_garbage_now(&self) -> Result<(), ImageError> {
-        let leases = self.inner.leases.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        let mut leases = self.inner.leases.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        for digests in self.inner.pins.lock().unwrap_or_else(|e| e.into_inner()).values() {
+            for digest in digests {
+                *leases.entry(digest.clone()).or_default() += 1;
+            }
+        }
         let doomed = self.catalog().take_unreferenced(&self.inner.paths, &leases)?;
         if !doomed.is_empty() {
             tracing::debug!(count = doomed.len(), "freeing unused image content");

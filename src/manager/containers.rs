@@ -122,8 +122,11 @@ impl Manager {
             monitor_pid: None,
             monitor_start_time: None,
             runtime,
+            image_content: crate::image::ImageStore::content_of(&image),
         };
+        self.inner.images.pin(&id, record.image_content.clone());
         if let Err(err) = self.inner.store.save_container(&record) {
+            self.inner.images.unpin(&id);
             linux.remove_container(&record.runtime);
             self.names().remove(&key);
             return Err(store_error("saving container record")(err));
@@ -322,6 +325,7 @@ impl Manager {
             .delete_container(&id)
             .map_err(store_error("deleting container record"))?;
         self.containers().remove(&id);
+        self.inner.images.unpin(&id);
         self.names().remove(&format!(
             "container/{}/{}/{}",
             record.sandbox_id, record.spec.metadata.name, record.spec.metadata.attempt

@@ -67,6 +67,9 @@ pub struct ContainerRecord {
     /// `/proc/PID/stat` start time of the monitor, to tell it from a reused PID.
     pub monitor_start_time: Option<u64>,
     pub runtime: ContainerRuntime,
+    /// Image content the container's rootfs is made of, kept while it exists.
+    #[serde(default)]
+    pub image_content: Vec<String>,
 }
 
 /// Where records live: one JSON file each, written atomically.

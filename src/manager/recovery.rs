@@ -6,6 +6,7 @@ use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 
 use super::records::{ContainerState, SandboxState, process_ended};
 use super::{EventKind, Manager};
+use crate::image::ImageStore;
 
 impl Manager {
     pub(super) fn recover(&self) {
@@ -43,6 +44,17 @@ impl Manager {
                 record.sandbox_id, record.spec.metadata.name, record.spec.metadata.attempt
             );
             self.names().insert(key, record.id.clone());
+            let content = if record.image_content.is_empty() {
+                // Records written before content was kept: the image, if it is still there.
+                self.inner
+                    .images
+                    .resolve(&record.image_id)
+                    .map(|i| ImageStore::content_of(&i))
+                    .unwrap_or_default()
+            } else {
+                record.image_content.clone()
+            };
+            self.inner.images.pin(&record.id, content);
             self.containers().insert(record.id.clone(), record);
         }
         let sandboxes = self.sandboxes().len();
