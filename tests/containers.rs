@@ -1017,3 +1017,23 @@ async fn removing_an_image_in_use_keeps_its_layers_until_the_container_goes() {
     })
     .await;
 }
+
+#[tokio::test]
+async fn device_access_is_limited_to_the_defaults_and_requested_devices() {
+    use std::os::unix::fs::MetadataExt;
+    let fx = Fixture::start().await;
+    // The node's root disk, whatever its numbers.
+    let root_dev = std::fs::metadata("/").unwrap().dev();
+    let (major, minor) = (nix::sys::stat::major(root_dev), nix::sys::stat::minor(root_dev));
+    let script = format!(
+        "mknod /tmp/disk b {major} {minor} && (head -c 1 /tmp/disk >/dev/null 2>&1 && echo disk-readable || echo disk-denied); head -c 3 /dev/myzero | wc -c"
+    );
+    let mut config = fx.container("devices", &script);
+    config.devices = vec![cri::Device {
+        container_path: "/dev/myzero".into(),
+        host_path: "/dev/zero".into(),
+        permissions: "rwm".into(),
+    }];
+    let (status, text) = fx.output_of("devices", config).await;
+    assert_eq!(text, "disk-denied\n3", "{status:?}");
+}

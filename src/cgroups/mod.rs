@@ -594,6 +594,22 @@ impl Cgroup {
     }
 
     /// This cgroup's directory in each hierarchy (v1 first, then cgroup2).
+    /// Restricts device access (v1 `devices` controller): deny everything,
+    /// then allow each rule (`"c 1:3 rwm"`, `"b *:* m"`). Returns false when the
+    /// host has no v1 devices controller (on cgroup v2 device control is an
+    /// eBPF program, which podvisor does not load yet).
+    pub fn restrict_devices(&self, allow: &[String]) -> Result<bool, CgroupError> {
+        let Some(mount) = self.mounts.v1_mount("devices") else {
+            return Ok(false);
+        };
+        let dir = mount.dir.join(self.path.relative());
+        write_file(&dir.join("devices.deny"), "a")?;
+        for rule in allow {
+            write_file(&dir.join("devices.allow"), rule)?;
+        }
+        Ok(true)
+    }
+
     pub fn dirs(&self) -> Vec<PathBuf> {
         let v1 = self.mounts.v1.iter().map(|mount| &mount.dir);
         v1.chain(&self.mounts.unified)

@@ -34,6 +34,42 @@ pub const DEFAULT_CAPABILITIES: [&str; 14] = [
     "CAP_AUDIT_WRITE",
 ];
 
+/// Devices every container may use: creating any node (mknod), and reading or
+/// writing null, zero, full, random, urandom, tty, ptmx and its pseudo-terminals.
+const DEFAULT_DEVICE_RULES: [&str; 10] = [
+    "c *:* m",
+    "b *:* m",
+    "c 1:3 rwm",
+    "c 1:5 rwm",
+    "c 1:7 rwm",
+    "c 1:8 rwm",
+    "c 1:9 rwm",
+    "c 5:0 rwm",
+    "c 5:2 rwm",
+    "c 136:* rwm",
+];
+
+/// Device cgroup rules: the defaults plus the container's own devices.
+pub fn device_rules(devices: &[DeviceSpec]) -> Vec<String> {
+    use std::os::unix::fs::{FileTypeExt, MetadataExt};
+    let mut rules: Vec<String> = DEFAULT_DEVICE_RULES.iter().map(|r| r.to_string()).collect();
+    for device in devices {
+        let Ok(meta) = std::fs::metadata(&device.host_path) else {
+            continue;
+        };
+        let kind = if meta.file_type().is_block_device() { 'b' } else { 'c' };
+        let rdev = meta.rdev();
+        let access: String = device.permissions.chars().filter(|c| "rwm".contains(*c)).collect();
+        let access = if access.is_empty() { "rwm".to_string() } else { access };
+        rules.push(format!(
+            "{kind} {}:{} {access}",
+            nix::sys::stat::major(rdev),
+            nix::sys::stat::minor(rdev)
+        ));
+    }
+    rules
+}
+
 const DEFAULT_PATH: &str = "PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
 
 /// What the backend keeps about a container (stored in its record).

@@ -223,6 +223,9 @@ impl LinuxBackend {
             let path = CgroupPath::new(&plan.cgroup_path).map_err(LinuxError::Cgroup)?;
             let cgroup = hierarchy.create(&path)?;
             cgroup.apply(&plan.spec.resources)?;
+            if !plan.spec.security.privileged {
+                cgroup.restrict_devices(&container::device_rules(&config.rootfs.devices))?;
+            }
         }
         crate::sys::fs::atomic_write_json(&monitor::config_path(&plan.bundle), &config)
             .map_err(LinuxError::io("writing container config"))?;
