@@ -10,6 +10,7 @@ pub mod daemon;
 pub mod image;
 pub mod logging;
 pub mod manager;
+pub mod spec;
 pub mod sys;
 
 /// An error and all its sources, `outer: inner: innermost`, for messages that

@@ -5,7 +5,7 @@ use std::collections::BTreeMap;
 use super::proto::runtime as cri;
 use crate::cgroups::Resources;
 use crate::manager::records::{ContainerRecord, ContainerState, SandboxRecord, SandboxState};
-use crate::manager::spec::{
+use crate::spec::{
     Capabilities, ContainerMetadata, ContainerSpec, Device, DnsConfig, Mount, MountPropagation, NamespaceMode,
     Namespaces, PodMetadata, PortMapping, SandboxSpec, SeccompProfile, SecurityContext, SupplementalGroupsPolicy,
 };

@@ -5,10 +5,10 @@ use std::path::{Component, Path, PathBuf};
 use std::time::Duration;
 
 use super::records::{ContainerRecord, ContainerState, SandboxState, process_start_time};
-use super::spec::ContainerSpec;
 use super::{EventKind, Manager, ManagerError, new_id, now_nanos, store_error};
 use crate::backend::linux::{ContainerPlan, ContainerRuntime, ExecOutput, LinuxBackend, process::ProcessConfig};
 use crate::image::ImageError;
+use crate::spec::ContainerSpec;
 
 /// Joins a log path from a request under its directory, refusing escapes.
 pub fn log_path_under(dir: &str, relative: &str) -> Result<PathBuf, ManagerError> {

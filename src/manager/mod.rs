@@ -6,7 +6,6 @@ mod containers;
 pub mod records;
 mod recovery;
 mod sandboxes;
-pub mod spec;
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};

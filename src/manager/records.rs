@@ -4,9 +4,9 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
-use super::spec::{ContainerSpec, SandboxSpec};
 use crate::backend::BackendKind;
 use crate::backend::linux::{ContainerRuntime, SandboxRuntime};
+use crate::spec::{ContainerSpec, SandboxSpec};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]

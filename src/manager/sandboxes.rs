@@ -3,9 +3,9 @@
 use std::collections::HashMap;
 
 use super::records::{ContainerState, SandboxRecord, SandboxState};
-use super::spec::SandboxSpec;
 use super::{Manager, ManagerError, new_id, now_nanos, store_error};
 use crate::backend::{self, BackendKind};
+use crate::spec::SandboxSpec;
 
 fn name_key(spec: &SandboxSpec) -> String {
     let m = &spec.metadata;

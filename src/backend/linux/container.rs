@@ -13,7 +13,7 @@ use super::rootfs::{DeviceSpec, MountKind, MountSpec, Propagation, RootfsSpec};
 use super::sandbox::SandboxRuntime;
 use super::users;
 use crate::image::{ImageConfig, ImageRecord};
-use crate::manager::spec::{ContainerSpec, MountPropagation, NamespaceMode, SandboxSpec, SeccompProfile};
+use crate::spec::{ContainerSpec, MountPropagation, NamespaceMode, SandboxSpec, SeccompProfile};
 
 /// The capabilities a container gets unless it asks otherwise (the set
 /// Docker and containerd give).
@@ -256,7 +256,7 @@ pub fn init_config(plan: &ContainerPlan<'_>) -> Result<InitConfig, LinuxError> {
     }
     // The primary group leads the list, as `id -G` shows it.
     let mut additional_gids: Vec<u32> = vec![user.gid];
-    if security.supplemental_groups_policy == crate::manager::spec::SupplementalGroupsPolicy::Merge {
+    if security.supplemental_groups_policy == crate::spec::SupplementalGroupsPolicy::Merge {
         for gid in &user.image_groups {
             if !additional_gids.contains(gid) {
                 additional_gids.push(*gid);

@@ -128,11 +128,7 @@ impl LinuxBackend {
         }
     }
 
-    pub fn run_sandbox(
-        &self,
-        id: &str,
-        spec: &crate::manager::spec::SandboxSpec,
-    ) -> Result<SandboxRuntime, LinuxError> {
+    pub fn run_sandbox(&self, id: &str, spec: &crate::spec::SandboxSpec) -> Result<SandboxRuntime, LinuxError> {
         let dir = self.sandbox_dir(id);
         let cgroup_path = Self::sandbox_cgroup_path(&spec.cgroup_parent, id);
         let result = (|| {
@@ -212,7 +208,7 @@ impl LinuxBackend {
         }
         if let Some(filter) = &config.process.seccomp_filter {
             let policy = match &plan.spec.security.seccomp {
-                Some(crate::manager::spec::SeccompProfile::Localhost(path)) => seccomp::Policy::Localhost(path.clone()),
+                Some(crate::spec::SeccompProfile::Localhost(path)) => seccomp::Policy::Localhost(path.clone()),
                 _ => seccomp::Policy::RuntimeDefault,
             };
             if let Some(compiled) = seccomp::compile(&policy, &config.process.capabilities.bounding)? {

@@ -10,7 +10,7 @@ use nix::sched::CloneFlags;
 use serde::{Deserialize, Serialize};
 
 use super::LinuxError;
-use crate::manager::spec::{NamespaceMode, SandboxSpec};
+use crate::spec::{NamespaceMode, SandboxSpec};
 
 /// What the backend keeps about a running sandbox (stored in the sandbox record).
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]

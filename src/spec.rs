@@ -1,5 +1,6 @@
-//! Domain types for sandboxes and containers: what the CRI asked for,
-//! independent of protobuf, persisted with the records.
+//! Domain types for sandboxes and containers, shared by the manager and the
+//! backends: what the CRI asked for, independent of protobuf, persisted with
+//! the records.
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
