@@ -522,6 +522,10 @@ impl RuntimeServiceImpl {
             Some((delta as u128 * 1_000_000_000 / elapsed as u128) as u64)
         });
         samples.insert(id.to_string(), (now, stats.cpu_usage_ns));
+        // Forget samples of containers and sandboxes that are gone.
+        if samples.len() > 4096 {
+            samples.retain(|id, _| self.manager.container(id).is_ok() || self.manager.sandbox(id).is_ok());
+        }
         cri::CpuUsage {
             timestamp: now,
             usage_core_nano_seconds: Some(cri::UInt64Value {
