@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use super::records::{ContainerRecord, ContainerState, SandboxState, process_start_time};
 use super::{EventKind, Manager, ManagerError, new_id, now_nanos, store_error};
-use crate::backend::linux::{ContainerPlan, ContainerRuntime, ExecOutput, LinuxBackend, process::ProcessConfig};
+use crate::backend::linux::{ContainerPlan, ContainerRuntime, ExecOutput, process::ProcessConfig};
 use crate::image::ImageError;
 use crate::spec::ContainerSpec;
 
@@ -452,10 +452,6 @@ impl Manager {
 
     pub fn writable_layer_usage(&self, runtime: &ContainerRuntime) -> crate::sys::fs::Usage {
         crate::sys::fs::tree_usage(&runtime.rw_dir.join("upper")).unwrap_or_default()
-    }
-
-    pub fn linux(&self) -> &LinuxBackend {
-        &self.inner.linux
     }
 }
 

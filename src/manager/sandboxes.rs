@@ -4,7 +4,7 @@ use std::collections::HashMap;
 
 use super::records::{ContainerState, SandboxRecord, SandboxState};
 use super::{Manager, ManagerError, new_id, now_nanos, store_error};
-use crate::backend::{self, BackendKind};
+use crate::backend;
 use crate::spec::SandboxSpec;
 
 fn name_key(spec: &SandboxSpec) -> String {
@@ -163,9 +163,5 @@ impl Manager {
             .collect();
         out.sort_by_key(|r| r.created_at);
         out
-    }
-
-    pub fn backend_kind(&self, record: &SandboxRecord) -> BackendKind {
-        record.backend
     }
 }
