@@ -1037,3 +1037,19 @@ async fn device_access_is_limited_to_the_defaults_and_requested_devices() {
     let (status, text) = fx.output_of("devices", config).await;
     assert_eq!(text, "disk-denied\n3", "{status:?}");
 }
+
+#[tokio::test]
+async fn tty_containers_get_a_terminal_of_their_own() {
+    let fx = Fixture::start().await;
+    let mut config = fx.container("tty", "test -t 1 && echo terminal; tty; echo to-stderr >&2");
+    config.tty = true;
+    let (status, text) = fx.output_of("tty", config).await;
+    assert_eq!(status.exit_code, 0, "{text}");
+    let lines: Vec<&str> = text.lines().map(|l| l.trim_end_matches('\r')).collect();
+    assert_eq!(lines, ["terminal", "/dev/pts/0", "to-stderr"], "{text:?}");
+    let log = std::fs::read_to_string(&status.log_path).unwrap();
+    assert!(
+        log.lines().all(|l| l.split(' ').nth(1) == Some("stdout")),
+        "a terminal is one stream: {log}"
+    );
+}

@@ -147,6 +147,21 @@ fn monitor(bundle: &Path, sync: &mut Option<File>) -> Result<(), String> {
         (None, None)
     };
     let (error_read, error_write) = pipe()?;
+    // With a tty the container's init opens its terminal inside the container
+    // (its own devpts) and hands the master side back over this socket.
+    let console = if config.process.tty {
+        Some(
+            nix::sys::socket::socketpair(
+                nix::sys::socket::AddressFamily::Unix,
+                nix::sys::socket::SockType::Stream,
+                None,
+                nix::sys::socket::SockFlag::SOCK_CLOEXEC,
+            )
+            .map_err(|e| process::step_error("creating console socket", e))?,
+        )
+    } else {
+        None
+    };
 
     match &config.pid_namespace {
         PidNamespace::New => nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWPID)
@@ -160,19 +175,24 @@ fn monitor(bundle: &Path, sync: &mut Option<File>) -> Result<(), String> {
         ForkResult::Child => {
             drop((out_read, err_read, error_read, stdin_write));
             let stdin = stdin_read.as_ref().map(AsRawFd::as_raw_fd);
-            let message = init_child(
-                &config,
-                seccomp.as_deref(),
+            let stdio = Stdio {
                 stdin,
-                out_write.as_raw_fd(),
-                err_write.as_raw_fd(),
-            );
+                stdout: out_write.as_raw_fd(),
+                stderr: err_write.as_raw_fd(),
+                console: console.as_ref().map(|(_, child_end)| child_end.as_raw_fd()),
+            };
+            let message = init_child(&config, seccomp.as_deref(), stdio);
             process::fail(error_write.as_raw_fd(), &message)
         }
         ForkResult::Parent { child } => child,
     };
     drop((out_write, err_write, error_write, stdin_read));
     let _keep_stdin_open = stdin_write;
+    // The terminal's master side, once the init sent it (nothing if it failed before).
+    let terminal = console.and_then(|(ours, theirs)| {
+        drop(theirs);
+        receive_fd(&ours)
+    });
 
     // EOF on the error pipe means exec happened; bytes mean it failed.
     let mut start_error = String::new();
@@ -185,7 +205,11 @@ fn monitor(bundle: &Path, sync: &mut Option<File>) -> Result<(), String> {
     *sync = None;
 
     let mut log = open_log(&config.log_path);
-    let mut pumps = [Pump::new(out_read, Stream::Stdout), Pump::new(err_read, Stream::Stderr)];
+    let mut pumps = vec![Pump::new(out_read, Stream::Stdout), Pump::new(err_read, Stream::Stderr)];
+    if let Some(terminal) = terminal {
+        // A terminal merges both streams; CRI logs record them as stdout.
+        pumps.push(Pump::new(terminal, Stream::Stdout));
+    }
     let mut exit: Option<ExitRecord> = None;
     loop {
         let mut fds: Vec<libc::pollfd> = vec![libc::pollfd {
@@ -361,20 +385,23 @@ fn setns_path(path: &Path, flag: i32) -> Result<(), String> {
 
 /// The container's init, in the forked child: namespaces, cgroup, rootfs,
 /// stdio, then the process itself. Returns only an error message.
-fn init_child(
-    config: &InitConfig,
-    seccomp: Option<&[u8]>,
+/// Where the container's standard streams come from.
+struct Stdio {
     stdin: Option<RawFd>,
     stdout: RawFd,
     stderr: RawFd,
-) -> String {
-    match init_steps(config, stdin, stdout, stderr) {
+    /// Set for tty containers: the socket to send the terminal's master side on.
+    console: Option<RawFd>,
+}
+
+fn init_child(config: &InitConfig, seccomp: Option<&[u8]>, stdio: Stdio) -> String {
+    match init_steps(config, stdio) {
         Ok(()) => process::exec_process(&config.process, seccomp),
         Err(message) => message,
     }
 }
 
-fn init_steps(config: &InitConfig, stdin: Option<RawFd>, stdout: RawFd, stderr: RawFd) -> Result<(), String> {
+fn init_steps(config: &InitConfig, stdio: Stdio) -> Result<(), String> {
     // Signals blocked for the signalfd must not stay blocked in the workload.
     let _ = SigSet::all().thread_unblock();
     nix::unistd::setsid().map_err(|e| process::step_error("creating session", e))?;
@@ -389,16 +416,96 @@ fn init_steps(config: &InitConfig, stdin: Option<RawFd>, stdout: RawFd, stderr: 
     nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNS)
         .map_err(|e| process::step_error("creating mount namespace", e))?;
     super::rootfs::setup_rootfs(&config.rootfs).map_err(|e| crate::error_chain(&e))?;
+    if let Some(console) = stdio.console {
+        let terminal = open_terminal(console)?;
+        for to in 0..3 {
+            // SAFETY: dup2 on fds that are open in this process.
+            if unsafe { libc::dup2(terminal.as_raw_fd(), to) } < 0 {
+                return Err(process::step_error(
+                    "setting up the terminal",
+                    std::io::Error::last_os_error(),
+                ));
+            }
+        }
+        // SAFETY: TIOCSCTTY on our new session's terminal, with an integer argument.
+        if unsafe { libc::ioctl(0, libc::TIOCSCTTY, 0) } < 0 {
+            return Err(process::step_error(
+                "taking the terminal",
+                std::io::Error::last_os_error(),
+            ));
+        }
+        return Ok(());
+    }
     let null = nix::fcntl::open("/dev/null", nix::fcntl::OFlag::O_RDWR, nix::sys::stat::Mode::empty())
         .map_err(|e| process::step_error("opening /dev/null", e))?;
-    let stdin = stdin.unwrap_or(null.as_raw_fd());
-    for (from, to) in [(stdin, 0), (stdout, 1), (stderr, 2)] {
+    let stdin = stdio.stdin.unwrap_or(null.as_raw_fd());
+    for (from, to) in [(stdin, 0), (stdio.stdout, 1), (stdio.stderr, 2)] {
         // SAFETY: dup2 on fds that are open in this process.
         if unsafe { libc::dup2(from, to) } < 0 {
             return Err(process::step_error("setting up stdio", std::io::Error::last_os_error()));
         }
     }
     Ok(())
+}
+
+/// Opens a terminal in the container's own devpts, sends its master side
+/// over `console`, and returns the terminal itself.
+fn open_terminal(console: RawFd) -> Result<OwnedFd, String> {
+    use nix::fcntl::OFlag;
+    let master = nix::fcntl::open(
+        "/dev/ptmx",
+        OFlag::O_RDWR | OFlag::O_NOCTTY | OFlag::O_CLOEXEC,
+        nix::sys::stat::Mode::empty(),
+    )
+    .map_err(|e| process::step_error("opening /dev/ptmx", e))?;
+    let unlock: libc::c_int = 0;
+    // SAFETY: TIOCSPTLCK reads an int from a valid pointer; TIOCGPTPEER returns a new fd or -1.
+    let terminal = unsafe {
+        libc::ioctl(master.as_raw_fd(), libc::TIOCSPTLCK, &unlock);
+        libc::ioctl(master.as_raw_fd(), libc::TIOCGPTPEER, libc::O_RDWR | libc::O_NOCTTY)
+    };
+    if terminal < 0 {
+        return Err(process::step_error(
+            "opening the terminal",
+            std::io::Error::last_os_error(),
+        ));
+    }
+    // SAFETY: the kernel just returned this fd; it is ours.
+    let terminal = unsafe { OwnedFd::from_raw_fd(terminal) };
+    let fds = [master.as_raw_fd()];
+    let message = [std::io::IoSlice::new(b"t")];
+    nix::sys::socket::sendmsg::<()>(
+        console,
+        &message,
+        &[nix::sys::socket::ControlMessage::ScmRights(&fds)],
+        nix::sys::socket::MsgFlags::empty(),
+        None,
+    )
+    .map_err(|e| process::step_error("handing over the terminal", e))?;
+    Ok(terminal)
+}
+
+/// Receives one fd sent with SCM_RIGHTS; None when the peer closed without sending.
+fn receive_fd(socket: &OwnedFd) -> Option<OwnedFd> {
+    let mut byte = [0u8; 1];
+    let mut iov = [std::io::IoSliceMut::new(&mut byte)];
+    let mut space = nix::cmsg_space!(RawFd);
+    let message = nix::sys::socket::recvmsg::<()>(
+        socket.as_raw_fd(),
+        &mut iov,
+        Some(&mut space),
+        nix::sys::socket::MsgFlags::MSG_CMSG_CLOEXEC,
+    )
+    .ok()?;
+    for control in message.cmsgs().ok()? {
+        if let nix::sys::socket::ControlMessageOwned::ScmRights(fds) = control
+            && let Some(fd) = fds.first()
+        {
+            // SAFETY: SCM_RIGHTS gave us this fd; we own it now.
+            return Some(unsafe { OwnedFd::from_raw_fd(*fd) });
+        }
+    }
+    None
 }
 
 #[cfg(test)]
