@@ -65,7 +65,6 @@ impl ImageService for ImageServiceImpl {
         request: Request<cri::StreamImagesRequest>,
     ) -> Result<Response<BoxStream<cri::StreamImagesResponse>>, Status> {
         let images = self.filtered(request.into_inner().filter)?;
-        // Batches keep each message well under gRPC's default 4 MiB limit.
         Ok(Response::new(super::batched(images, 500, |images| {
             cri::StreamImagesResponse { images }
         })))

@@ -5,7 +5,7 @@ use std::path::{Component, Path, PathBuf};
 use std::time::Duration;
 
 use super::records::{ContainerRecord, ContainerState, SandboxState, process_start_time};
-use super::{EventKind, Manager, ManagerError, new_id, now_nanos, store_error};
+use super::{EventKind, Manager, ManagerError, container_name_key, new_id, now_nanos, store_error};
 use crate::backend::linux::{ContainerPlan, ContainerRuntime, ExecOutput, process::ProcessConfig};
 use crate::image::ImageError;
 use crate::spec::ContainerSpec;
@@ -62,10 +62,7 @@ impl Manager {
         } else {
             log_path_under(&sandbox.spec.log_directory, &spec.log_path)?
         };
-        let key = format!(
-            "container/{}/{}/{}",
-            sandbox.id, spec.metadata.name, spec.metadata.attempt
-        );
+        let key = container_name_key(&sandbox.id, &spec);
         let id = new_id();
         {
             let mut names = self.names();
@@ -80,6 +77,7 @@ impl Manager {
         let _guard = self.lock(&id).await;
         let linux = &self.inner.linux;
         let cgroup_path = format!("{}/{id}", sandbox.runtime.cgroup_path);
+        let cgroup_procs = linux.cgroup_procs(&cgroup_path);
         let plan = ContainerPlan {
             id: &id,
             spec: &spec,
@@ -90,12 +88,8 @@ impl Manager {
             bundle: linux.bundle_dir(&id),
             rw_dir: linux.rw_dir(&id),
             log_path,
-            cgroup_procs: Vec::new(),
+            cgroup_procs,
             cgroup_path,
-        };
-        let plan = ContainerPlan {
-            cgroup_procs: linux.cgroup_procs(&plan.cgroup_path),
-            ..plan
         };
         let runtime = match linux.create_container(&plan) {
             Ok(runtime) => runtime,
@@ -326,10 +320,8 @@ impl Manager {
             .map_err(store_error("deleting container record"))?;
         self.containers().remove(&id);
         self.inner.images.unpin(&id);
-        self.names().remove(&format!(
-            "container/{}/{}/{}",
-            record.sandbox_id, record.spec.metadata.name, record.spec.metadata.attempt
-        ));
+        self.names()
+            .remove(&container_name_key(&record.sandbox_id, &record.spec));
         self.emit(&record, EventKind::Deleted);
         drop(_guard);
         self.forget_lock(&id);

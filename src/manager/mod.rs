@@ -178,6 +178,20 @@ fn find_by_prefix<'a>(ids: impl Iterator<Item = &'a String>, wanted: &str) -> Op
     }
 }
 
+/// The name a sandbox reserves: namespace, name, uid and attempt.
+fn sandbox_name_key(spec: &crate::spec::SandboxSpec) -> String {
+    let m = &spec.metadata;
+    format!("pod/{}/{}/{}/{}", m.namespace, m.name, m.uid, m.attempt)
+}
+
+/// The name a container reserves within its sandbox: name and attempt.
+fn container_name_key(sandbox_id: &str, spec: &crate::spec::ContainerSpec) -> String {
+    format!(
+        "container/{sandbox_id}/{}/{}",
+        spec.metadata.name, spec.metadata.attempt
+    )
+}
+
 /// Label selectors as the CRI uses them: every key must match exactly.
 pub fn labels_match(labels: &std::collections::BTreeMap<String, String>, selector: &HashMap<String, String>) -> bool {
     selector.iter().all(|(k, v)| labels.get(k) == Some(v))

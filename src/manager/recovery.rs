@@ -5,7 +5,7 @@
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 
 use super::records::{ContainerState, SandboxState, process_ended};
-use super::{EventKind, Manager};
+use super::{EventKind, Manager, container_name_key, sandbox_name_key};
 use crate::image::ImageStore;
 
 impl Manager {
@@ -17,8 +17,7 @@ impl Manager {
                 record.state = SandboxState::NotReady;
                 let _ = self.inner.store.save_sandbox(&record);
             }
-            let m = &record.spec.metadata;
-            let key = format!("pod/{}/{}/{}/{}", m.namespace, m.name, m.uid, m.attempt);
+            let key = sandbox_name_key(&record.spec);
             self.names().insert(key, record.id.clone());
             self.sandboxes().insert(record.id.clone(), record);
         }
@@ -39,10 +38,7 @@ impl Manager {
                     self.emit(&record, EventKind::Stopped);
                 }
             }
-            let key = format!(
-                "container/{}/{}/{}",
-                record.sandbox_id, record.spec.metadata.name, record.spec.metadata.attempt
-            );
+            let key = container_name_key(&record.sandbox_id, &record.spec);
             self.names().insert(key, record.id.clone());
             let content = if record.image_content.is_empty() {
                 // Records written before content was kept: the image, if it is still there.

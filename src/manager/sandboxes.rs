@@ -3,14 +3,9 @@
 use std::collections::HashMap;
 
 use super::records::{ContainerState, SandboxRecord, SandboxState};
-use super::{Manager, ManagerError, new_id, now_nanos, store_error};
+use super::{Manager, ManagerError, new_id, now_nanos, sandbox_name_key, store_error};
 use crate::backend;
 use crate::spec::SandboxSpec;
-
-fn name_key(spec: &SandboxSpec) -> String {
-    let m = &spec.metadata;
-    format!("pod/{}/{}/{}/{}", m.namespace, m.name, m.uid, m.attempt)
-}
 
 impl Manager {
     pub async fn run_sandbox(&self, spec: SandboxSpec) -> Result<String, ManagerError> {
@@ -27,7 +22,7 @@ impl Manager {
             ));
         }
         let id = new_id();
-        let key = name_key(&spec);
+        let key = sandbox_name_key(&spec);
         {
             let mut names = self.names();
             if let Some(owner) = names.get(&key) {
@@ -131,7 +126,7 @@ impl Manager {
             .delete_sandbox(&id)
             .map_err(store_error("deleting sandbox record"))?;
         self.sandboxes().remove(&id);
-        self.names().remove(&name_key(&record.spec));
+        self.names().remove(&sandbox_name_key(&record.spec));
         drop(_guard);
         self.forget_lock(&id);
         tracing::info!(sandbox = %id, "sandbox removed");

@@ -164,12 +164,7 @@ impl LinuxBackend {
 
     /// Removes namespaces, files and the pod cgroup (podvisor's own only). Idempotent.
     pub fn remove_sandbox(&self, runtime: &SandboxRuntime) {
-        let dir = if runtime.dir.as_os_str().is_empty() {
-            None
-        } else {
-            Some(runtime)
-        };
-        if let Some(runtime) = dir
+        if !runtime.dir.as_os_str().is_empty()
             && let Err(err) = sandbox::remove(runtime)
         {
             tracing::warn!(error = %crate::error_chain(&err), "removing sandbox files");

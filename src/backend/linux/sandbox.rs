@@ -179,16 +179,7 @@ fn pin_namespaces(
         let mut pinned = Vec::new();
         for kind in &kinds {
             let target = ns_dir_thread.join(kind.name());
-            std::fs::File::create(&target).map_err(LinuxError::io("creating namespace file"))?;
-            let source = format!("/proc/thread-self/ns/{}", kind.name());
-            nix::mount::mount(
-                Some(source.as_str()),
-                &target,
-                None::<&str>,
-                MsFlags::MS_BIND,
-                None::<&str>,
-            )
-            .map_err(|e| LinuxError::Sys("pinning namespace", e))?;
+            pin_namespace(&format!("/proc/thread-self/ns/{}", kind.name()), &target)?;
             pinned.push((*kind, target));
         }
         Ok(pinned)
@@ -274,17 +265,16 @@ fn start_pod_init(dir: &Path, exe: &Path) -> Result<(i32, PathBuf), LinuxError> 
         .parse()
         .map_err(|_| LinuxError::Invalid("pod init did not report its pid".into()))?;
     let target = dir.join("ns").join("pid");
-    std::fs::File::create(&target).map_err(LinuxError::io("creating namespace file"))?;
-    let source = format!("/proc/{pid}/ns/pid");
-    nix::mount::mount(
-        Some(source.as_str()),
-        &target,
-        None::<&str>,
-        MsFlags::MS_BIND,
-        None::<&str>,
-    )
-    .map_err(|e| LinuxError::Sys("pinning pod pid namespace", e))?;
+    pin_namespace(&format!("/proc/{pid}/ns/pid"), &target)?;
     Ok((pid, target))
+}
+
+/// Keeps a namespace alive after its processes are gone: a bind mount of its
+/// `/proc/.../ns/` file onto `target`.
+fn pin_namespace(source: &str, target: &Path) -> Result<(), LinuxError> {
+    std::fs::File::create(target).map_err(LinuxError::io("creating namespace file"))?;
+    nix::mount::mount(Some(source), target, None::<&str>, MsFlags::MS_BIND, None::<&str>)
+        .map_err(|e| LinuxError::Sys("pinning namespace", e))
 }
 
 /// `podvisor pod-init`: makes a PID namespace whose init reaps orphans until killed.
