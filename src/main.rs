@@ -57,6 +57,9 @@ enum Command {
     /// Internal: the init of a pod-wide PID namespace.
     #[command(hide = true)]
     PodInit,
+    /// Internal: makes a pod's user namespace and the namespaces it owns.
+    #[command(hide = true)]
+    UsernsHolder { kinds: String },
     /// List the images the daemon stores.
     Images {
         /// Only print image ids.
@@ -74,6 +77,7 @@ fn main() -> std::process::ExitCode {
         Command::Monitor { bundle } => podvisor::backend::linux::monitor::run(bundle),
         Command::ExecHelper { config } => podvisor::backend::linux::exec::run(config),
         Command::PodInit => podvisor::backend::linux::sandbox::pod_init_main(),
+        Command::UsernsHolder { kinds } => podvisor::backend::linux::sandbox::userns_holder_main(kinds),
         _ => {}
     }
     match run(cli) {
@@ -118,7 +122,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             Command::Images { quiet, endpoint } => podvisor::cli::images(&endpoint, quiet)
                 .await
                 .map_err(|err| anyhow::anyhow!(podvisor::error_chain(&err))),
-            Command::Monitor { .. } | Command::ExecHelper { .. } | Command::PodInit => {
+            Command::Monitor { .. } | Command::ExecHelper { .. } | Command::PodInit | Command::UsernsHolder { .. } => {
                 unreachable!("handled before the runtime starts")
             }
         }

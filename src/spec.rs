@@ -27,6 +27,32 @@ pub struct Namespaces {
     pub ipc: NamespaceMode,
     /// The container whose PID namespace a `Target` container joins.
     pub target_id: String,
+    /// A user namespace of the pod's own (`hostUsers: false`); `None` is the node's.
+    #[serde(default)]
+    pub user: Option<UserNamespace>,
+}
+
+/// One contiguous ID range: `length` IDs from `container_id` inside map to `host_id` outside.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct IdMapping {
+    pub container_id: u32,
+    pub host_id: u32,
+    pub length: u32,
+}
+
+impl IdMapping {
+    /// The host ID of `id` inside, if it is mapped.
+    pub fn to_host(&self, id: u32) -> Option<u32> {
+        let offset = id.checked_sub(self.container_id)?;
+        (offset < self.length).then(|| self.host_id + offset)
+    }
+}
+
+/// A pod user namespace's mappings (one range each, as kubelet sends them).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct UserNamespace {
+    pub uids: IdMapping,
+    pub gids: IdMapping,
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -103,6 +129,9 @@ pub struct Mount {
     pub recursive_readonly: bool,
     pub propagation: MountPropagation,
     pub selinux_relabel: bool,
+    /// Mounted with the pod's user namespace ID mapping (the CRI mount carried mappings).
+    #[serde(default)]
+    pub idmapped: bool,
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]

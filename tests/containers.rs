@@ -1053,3 +1053,213 @@ async fn tty_containers_get_a_terminal_of_their_own() {
         "a terminal is one stream: {log}"
     );
 }
+
+fn userns_options(host_id: u32) -> cri::NamespaceOption {
+    let mapping = vec![cri::IdMapping {
+        host_id,
+        container_id: 0,
+        length: 65536,
+    }];
+    cri::NamespaceOption {
+        userns_options: Some(cri::UserNamespace {
+            mode: cri::NamespaceMode::Pod as i32,
+            uids: mapping.clone(),
+            gids: mapping,
+        }),
+        ..common::cri::kubelet_namespaces()
+    }
+}
+
+#[tokio::test]
+async fn user_namespaces_map_the_pod_root_to_an_unprivileged_host_range() {
+    let fx = Fixture::start().await;
+    let host_id = 200_000 + (rand_suffix() % 1000) * 65536;
+    let mut pod_config = fx.pod("userns");
+    let linux = pod_config.linux.as_mut().unwrap();
+    linux.security_context.as_mut().unwrap().namespace_options = Some(userns_options(host_id));
+    linux
+        .sysctls
+        .insert("net.ipv4.ip_unprivileged_port_start".into(), "100".into());
+    let pod = fx.run_pod(pod_config.clone()).await;
+    let volume = tempfile::tempdir().unwrap();
+    std::fs::write(volume.path().join("owned-by-node-root"), "v").unwrap();
+    let mut config = fx.container(
+        "app",
+        "cat /proc/self/uid_map /proc/self/gid_map; id -u; stat -c %u /bin/busybox /vol/owned-by-node-root; \
+         echo w > /written && echo wrote-root; cat /proc/sys/net/ipv4/ip_unprivileged_port_start; \
+         grep CapEff /proc/self/status; hostname; exec sleep 1000",
+    );
+    security(&mut config).namespace_options = Some(userns_options(host_id));
+    config.mounts.push(cri::Mount {
+        container_path: "/vol".into(),
+        host_path: volume.path().display().to_string(),
+        uid_mappings: vec![cri::IdMapping {
+            host_id,
+            container_id: 0,
+            length: 65536,
+        }],
+        gid_mappings: vec![cri::IdMapping {
+            host_id,
+            container_id: 0,
+            length: 65536,
+        }],
+        ..Default::default()
+    });
+    let id = fx.create(&pod, &pod_config, config).await.expect("CreateContainer");
+    fx.start_container(&id).await.expect("StartContainer");
+    let status = fx.status(&id).await;
+    let mut log = String::new();
+    for _ in 0..100 {
+        log = std::fs::read_to_string(&status.log_path).unwrap_or_default();
+        if log.contains("userns") {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let lines: Vec<&str> = log.lines().filter_map(|l| l.splitn(4, ' ').nth(3)).collect();
+    let words = |line: &str| line.split_whitespace().map(str::to_string).collect::<Vec<_>>();
+    let expected_map = vec!["0".to_string(), host_id.to_string(), "65536".to_string()];
+    assert_eq!(words(lines[0]), expected_map, "uid_map: {log}");
+    assert_eq!(words(lines[1]), expected_map, "gid_map: {log}");
+    assert_eq!(lines[2], "0", "root inside: {log}");
+    assert_eq!(lines[3], "0", "image files are the pod root's (idmapped layers): {log}");
+    assert_eq!(
+        lines[4], "0",
+        "an idmapped volume's root-owned file is the pod root's: {log}"
+    );
+    assert_eq!(lines[5], "wrote-root", "the pod root writes its own /: {log}");
+    assert_eq!(lines[6], "100", "the pod's sysctl in a netns its userns owns: {log}");
+    assert!(lines[7].starts_with("CapEff:"), "{log}");
+    assert_eq!(lines[8], "userns");
+
+    // Seen from the node, the container's processes and files belong to the range.
+    let pid = processes_mentioning("sleep 1000")
+        .into_iter()
+        .find(|pid| {
+            std::fs::read_to_string(format!("/proc/{pid}/cgroup"))
+                .unwrap_or_default()
+                .contains(&id)
+        })
+        .expect("the container's process");
+    let owner = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    assert_eq!(
+        status_field(&owner, "Uid:").split_whitespace().next(),
+        Some(host_id.to_string().as_str())
+    );
+    let out = fx.exec(&id, &["sh", "-c", "id -u; cat /proc/self/uid_map"]).await;
+    let out = String::from_utf8_lossy(&out.stdout).to_string();
+    assert!(out.starts_with("0\n"), "exec runs as the pod root: {out}");
+    assert_eq!(
+        words(out.lines().nth(1).unwrap()),
+        expected_map,
+        "exec joins the user namespace"
+    );
+
+    // A container cannot leave its pod's user namespace.
+    let mut other = fx.container("other", "true");
+    security(&mut other).namespace_options = Some(userns_options(host_id + 65536));
+    let err = fx.create(&pod, &pod_config, other).await.unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument, "{err}");
+    fx.remove_pod(&pod).await;
+    assert!(mounts_under(&fx.daemon.state()).is_empty(), "namespaces unpinned");
+    assert!(processes_mentioning("userns-holder").is_empty());
+}
+
+#[tokio::test]
+async fn bad_user_namespace_requests_are_refused() {
+    let fx = Fixture::start().await;
+    let cases: Vec<(&str, cri::UserNamespace)> = vec![
+        (
+            "two ranges",
+            cri::UserNamespace {
+                mode: cri::NamespaceMode::Pod as i32,
+                uids: vec![
+                    cri::IdMapping {
+                        host_id: 100_000,
+                        container_id: 0,
+                        length: 10,
+                    },
+                    cri::IdMapping {
+                        host_id: 200_000,
+                        container_id: 10,
+                        length: 10,
+                    },
+                ],
+                gids: vec![cri::IdMapping {
+                    host_id: 100_000,
+                    container_id: 0,
+                    length: 10,
+                }],
+            },
+        ),
+        (
+            "container root unmapped",
+            cri::UserNamespace {
+                mode: cri::NamespaceMode::Pod as i32,
+                uids: vec![cri::IdMapping {
+                    host_id: 100_000,
+                    container_id: 1,
+                    length: 10,
+                }],
+                gids: vec![cri::IdMapping {
+                    host_id: 100_000,
+                    container_id: 1,
+                    length: 10,
+                }],
+            },
+        ),
+        (
+            "container mode",
+            cri::UserNamespace {
+                mode: cri::NamespaceMode::Container as i32,
+                ..Default::default()
+            },
+        ),
+    ];
+    let mut runtime = fx.runtime().await;
+    for (what, userns) in cases {
+        let mut config = fx.pod("bad-userns");
+        config
+            .linux
+            .as_mut()
+            .unwrap()
+            .security_context
+            .as_mut()
+            .unwrap()
+            .namespace_options
+            .as_mut()
+            .unwrap()
+            .userns_options = Some(userns);
+        let err = runtime
+            .run_pod_sandbox(cri::RunPodSandboxRequest {
+                config: Some(config),
+                runtime_handler: String::new(),
+            })
+            .await
+            .unwrap_err();
+        assert_eq!(err.code(), Code::InvalidArgument, "{what}: {err}");
+    }
+    // With host networking a pod user namespace is refused too, and nothing is left.
+    let mut config = fx.pod("userns-hostnet");
+    let options = config.linux.as_mut().unwrap().security_context.as_mut().unwrap();
+    options.namespace_options = Some(cri::NamespaceOption {
+        network: cri::NamespaceMode::Node as i32,
+        ..userns_options(300_000)
+    });
+    let err = runtime
+        .run_pod_sandbox(cri::RunPodSandboxRequest {
+            config: Some(config),
+            runtime_handler: String::new(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument, "{err}");
+    let pods = runtime
+        .list_pod_sandbox(cri::ListPodSandboxRequest::default())
+        .await
+        .unwrap()
+        .into_inner()
+        .items;
+    assert!(pods.is_empty(), "{pods:?}");
+    assert!(mounts_under(&fx.daemon.state()).is_empty());
+}

@@ -6,8 +6,9 @@ use super::proto::runtime as cri;
 use crate::cgroups::Resources;
 use crate::manager::records::{ContainerRecord, ContainerState, SandboxRecord, SandboxState};
 use crate::spec::{
-    Capabilities, ContainerMetadata, ContainerSpec, Device, DnsConfig, Mount, MountPropagation, NamespaceMode,
-    Namespaces, PodMetadata, PortMapping, SandboxSpec, SeccompProfile, SecurityContext, SupplementalGroupsPolicy,
+    Capabilities, ContainerMetadata, ContainerSpec, Device, DnsConfig, IdMapping, Mount, MountPropagation,
+    NamespaceMode, Namespaces, PodMetadata, PortMapping, SandboxSpec, SeccompProfile, SecurityContext,
+    SupplementalGroupsPolicy, UserNamespace,
 };
 
 fn btree(map: &std::collections::HashMap<String, String>) -> BTreeMap<String, String> {
@@ -41,17 +42,92 @@ fn namespaces(options: Option<&cri::NamespaceOption>) -> Result<Namespaces, Stri
         // Absent options read as their proto defaults: everything POD.
         return Ok(Namespaces::default());
     };
-    if let Some(userns) = &options.userns_options
-        && cri::NamespaceMode::try_from(userns.mode).unwrap_or(cri::NamespaceMode::Node) != cri::NamespaceMode::Node
-    {
-        return Err("user namespaces (hostUsers: false) are not supported by podvisor yet".into());
-    }
     Ok(Namespaces {
         network: namespace_mode(options.network),
         pid: namespace_mode(options.pid),
         ipc: namespace_mode(options.ipc),
         target_id: options.target_id.clone(),
+        user: options
+            .userns_options
+            .as_ref()
+            .map(user_namespace)
+            .transpose()?
+            .flatten(),
     })
+}
+
+/// Kubelet's user namespace request: NODE (the node's) or POD with exactly
+/// one UID and one GID range that maps container ID 0.
+fn user_namespace(userns: &cri::UserNamespace) -> Result<Option<UserNamespace>, String> {
+    let mode = cri::NamespaceMode::try_from(userns.mode)
+        .map_err(|_| format!("unknown user namespace mode {}", userns.mode))?;
+    match mode {
+        cri::NamespaceMode::Node => {
+            if !userns.uids.is_empty() || !userns.gids.is_empty() {
+                return Err("user namespace mappings need mode POD, not NODE".into());
+            }
+            Ok(None)
+        }
+        cri::NamespaceMode::Pod => {
+            let range = |kind: &str, mappings: &[cri::IdMapping]| -> Result<IdMapping, String> {
+                let [m] = mappings else {
+                    return Err(format!(
+                        "a pod user namespace needs exactly one {kind} mapping, got {}",
+                        mappings.len()
+                    ));
+                };
+                if m.container_id != 0 {
+                    return Err(format!(
+                        "the {kind} mapping must start at container ID 0, not {}",
+                        m.container_id
+                    ));
+                }
+                if m.length == 0 || m.host_id.checked_add(m.length - 1).is_none() {
+                    return Err(format!(
+                        "the {kind} mapping {}+{} is not a valid range",
+                        m.host_id, m.length
+                    ));
+                }
+                if m.host_id == 0 {
+                    return Err(format!(
+                        "the {kind} mapping must not include the node's root (host ID 0)"
+                    ));
+                }
+                Ok(IdMapping {
+                    container_id: m.container_id,
+                    host_id: m.host_id,
+                    length: m.length,
+                })
+            };
+            Ok(Some(UserNamespace {
+                uids: range("UID", &userns.uids)?,
+                gids: range("GID", &userns.gids)?,
+            }))
+        }
+        other => Err(format!(
+            "user namespace mode {} is not supported (use NODE or POD)",
+            other.as_str_name()
+        )),
+    }
+}
+
+fn user_namespace_to_cri(user: Option<&UserNamespace>) -> cri::UserNamespace {
+    let mapping = |m: &IdMapping| cri::IdMapping {
+        host_id: m.host_id,
+        container_id: m.container_id,
+        length: m.length,
+    };
+    match user {
+        Some(user) => cri::UserNamespace {
+            mode: cri::NamespaceMode::Pod as i32,
+            uids: vec![mapping(&user.uids)],
+            gids: vec![mapping(&user.gids)],
+        },
+        None => cri::UserNamespace {
+            mode: cri::NamespaceMode::Node as i32,
+            ..Default::default()
+        },
+    }
 }
 
 pub fn resources(r: Option<&cri::LinuxContainerResources>) -> Resources {
@@ -211,6 +287,7 @@ pub fn container_spec(config: cri::ContainerConfig) -> Result<ContainerSpec, Str
                 readonly: m.readonly,
                 recursive_readonly: m.recursive_read_only,
                 selinux_relabel: m.selinux_relabel,
+                idmapped: !m.uid_mappings.is_empty() || !m.gid_mappings.is_empty(),
             })
             .collect(),
         devices: config
@@ -310,7 +387,7 @@ pub fn sandbox_status(record: &SandboxRecord) -> cri::PodSandboxStatus {
                     pid: namespace_mode_to_cri(ns.pid),
                     ipc: namespace_mode_to_cri(ns.ipc),
                     target_id: ns.target_id.clone(),
-                    userns_options: None,
+                    userns_options: Some(user_namespace_to_cri(ns.user.as_ref())),
                 }),
             }),
         }),

@@ -95,7 +95,7 @@ impl RuntimeService for RuntimeServiceImpl {
                     name: name.to_string(),
                     features: Some(cri::RuntimeHandlerFeatures {
                         recursive_read_only_mounts: true,
-                        user_namespaces: false,
+                        user_namespaces: true,
                     }),
                 })
                 .collect(),

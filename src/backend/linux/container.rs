@@ -293,6 +293,7 @@ pub fn init_config(plan: &ContainerPlan<'_>) -> Result<InitConfig, LinuxError> {
         recursive_readonly: false,
         propagation: Propagation::Private,
         recursive: false,
+        idmap: false,
     };
     let user_mounts: Vec<&str> = spec.mounts.iter().map(|m| m.container_path.as_str()).collect();
     let runtime = plan.sandbox_runtime;
@@ -305,8 +306,29 @@ pub fn init_config(plan: &ContainerPlan<'_>) -> Result<InitConfig, LinuxError> {
             mounts.push(bind(destination, source, security.readonly_rootfs));
         }
     }
+    let pod_userns = plan.sandbox.namespaces.user;
+    if let Some(user) = security.namespaces.user
+        && Some(user) != pod_userns
+    {
+        return Err(LinuxError::Invalid(
+            "a container's user namespace must be its pod's".into(),
+        ));
+    }
+    if let Some(user) = pod_userns
+        && plan.sandbox_runtime.userns.is_none()
+    {
+        return Err(LinuxError::Invalid(format!(
+            "the pod was made without its user namespace {user:?}"
+        )));
+    }
     let mut root_propagation = Propagation::Private;
     for mount in &spec.mounts {
+        if mount.idmapped && pod_userns.is_none() {
+            return Err(LinuxError::Invalid(format!(
+                "mount {} asks for ID mappings, but the pod has no user namespace",
+                mount.container_path
+            )));
+        }
         let source = PathBuf::from(&mount.host_path);
         if !source.exists() {
             return Err(LinuxError::Invalid(format!(
@@ -340,6 +362,7 @@ pub fn init_config(plan: &ContainerPlan<'_>) -> Result<InitConfig, LinuxError> {
             recursive_readonly: mount.recursive_readonly,
             propagation,
             recursive: true,
+            idmap: mount.idmapped,
         });
     }
     let devices = spec
@@ -403,6 +426,7 @@ pub fn init_config(plan: &ContainerPlan<'_>) -> Result<InitConfig, LinuxError> {
         shm: runtime.shm.clone(),
         root_propagation,
         cgroup_mounts: Vec::new(),
+        userns: runtime.userns.clone(),
     };
     let seccomp_filter = match (&security.seccomp, privileged) {
         (Some(SeccompProfile::RuntimeDefault | SeccompProfile::Localhost(_)), false) => {
@@ -413,6 +437,7 @@ pub fn init_config(plan: &ContainerPlan<'_>) -> Result<InitConfig, LinuxError> {
     Ok(InitConfig {
         id: plan.id.to_string(),
         join_namespaces,
+        user_namespace: runtime.userns.clone(),
         pid_namespace,
         cgroup_procs: plan.cgroup_procs.clone(),
         cgroup_path: plan.cgroup_path.clone(),

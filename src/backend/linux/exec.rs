@@ -25,15 +25,17 @@ pub struct ExecConfig {
     pub process: ProcessConfig,
 }
 
-/// Namespace flags and their `/proc/PID/ns` names; mount comes last because
-/// joining it changes what paths mean.
-pub const JOIN_ORDER: [(i32, &str); 6] = [
+/// Namespace flags and their `/proc/PID/ns` names; mount comes late because
+/// joining it changes what paths mean, the user namespace last because after it
+/// the process has no privileges over the others.
+pub const JOIN_ORDER: [(i32, &str); 7] = [
     (libc::CLONE_NEWIPC, "ipc"),
     (libc::CLONE_NEWUTS, "uts"),
     (libc::CLONE_NEWNET, "net"),
     (libc::CLONE_NEWPID, "pid"),
     (libc::CLONE_NEWCGROUP, "cgroup"),
     (libc::CLONE_NEWNS, "mnt"),
+    (libc::CLONE_NEWUSER, "user"),
 ];
 
 pub fn run(config_path: &Path) -> ! {

@@ -201,6 +201,18 @@ impl LinuxBackend {
         ] {
             crate::sys::fs::ensure_dir(&dir, 0o755).map_err(LinuxError::io("creating container directories"))?;
         }
+        if let Some(user) = plan.sandbox.namespaces.user {
+            // The writable layer's root is the container root's "/": owned by the pod's root.
+            let owner = (user.uids.to_host(0), user.gids.to_host(0));
+            for dir in [plan.rw_dir.join("upper"), plan.rw_dir.join("work")] {
+                nix::unistd::chown(
+                    &dir,
+                    owner.0.map(nix::unistd::Uid::from_raw),
+                    owner.1.map(nix::unistd::Gid::from_raw),
+                )
+                .map_err(|e| LinuxError::Sys("handing the writable layer to the pod's root", e))?;
+            }
+        }
         if let Some(filter) = &config.process.seccomp_filter {
             let policy = match &plan.spec.security.seccomp {
                 Some(crate::spec::SeccompProfile::Localhost(path)) => seccomp::Policy::Localhost(path.clone()),

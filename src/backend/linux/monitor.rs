@@ -40,6 +40,9 @@ pub struct InitConfig {
     pub id: String,
     /// Namespace files to join (net, ipc, uts), as (`CLONE_NEW*` flag, path).
     pub join_namespaces: Vec<(i32, PathBuf)>,
+    /// The pod's user namespace, entered last, once the rootfs is set up.
+    #[serde(default)]
+    pub user_namespace: Option<PathBuf>,
     pub pid_namespace: PidNamespace,
     /// `cgroup.procs` files of the container's cgroup, one per hierarchy.
     pub cgroup_procs: Vec<PathBuf>,
@@ -413,9 +416,20 @@ fn init_steps(config: &InitConfig, stdio: Stdio) -> Result<(), String> {
     for (flag, path) in &config.join_namespaces {
         setns_path(path, *flag)?;
     }
+    // Opened before pivot_root hides the path.
+    let userns = match &config.user_namespace {
+        Some(path) => Some(File::open(path).map_err(|e| process::step_error("opening the pod user namespace", e))?),
+        None => None,
+    };
     nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNS)
         .map_err(|e| process::step_error("creating mount namespace", e))?;
     super::rootfs::setup_rootfs(&config.rootfs).map_err(|e| crate::error_chain(&e))?;
+    // The mounts were made by the node's root; from here on the process is the
+    // pod's root (with every capability there, to be reduced by the process setup).
+    if let Some(userns) = userns {
+        nix::sched::setns(&userns, nix::sched::CloneFlags::CLONE_NEWUSER)
+            .map_err(|e| process::step_error("joining the pod user namespace", e))?;
+    }
     if let Some(console) = stdio.console {
         let terminal = open_terminal(console)?;
         for to in 0..3 {

@@ -74,6 +74,9 @@ pub struct MountSpec {
     pub propagation: Propagation,
     /// `rbind`: carry the source's submounts along.
     pub recursive: bool,
+    /// A bind with the ID mapping of `RootfsSpec::userns` (an idmapped mount).
+    #[serde(default)]
+    pub idmap: bool,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
@@ -123,6 +126,10 @@ pub struct RootfsSpec {
     pub root_propagation: Propagation,
     /// How /sys/fs/cgroup looks (read-only unless privileged); empty: as sysfs shows it.
     pub cgroup_mounts: Vec<CgroupMount>,
+    /// The pod's user namespace: the image layers, and binds marked `idmap`, are mounted
+    /// with its ID mapping, so that the files the node's root owns are the container root's.
+    #[serde(default)]
+    pub userns: Option<PathBuf>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -385,6 +392,88 @@ fn common_parent(paths: &[PathBuf]) -> PathBuf {
 }
 
 fn mount_rootfs(spec: &RootfsSpec) -> Result<()> {
+    if let Some(userns) = &spec.userns
+        && !spec.lower_dirs.is_empty()
+    {
+        return mount_rootfs_unmapped(&idmap_layers(spec, userns)?);
+    }
+    mount_rootfs_unmapped(spec)
+}
+
+/// Mounts the layers' common parent again, ID-mapped through `userns`, next to the
+/// rootfs (in the container's mount namespace only), and returns the spec with the
+/// lower dirs moved there. The writable layer stays unmapped: overlayfs writes it with
+/// the caller's (already mapped) IDs.
+fn idmap_layers(spec: &RootfsSpec, userns: &Path) -> Result<RootfsSpec> {
+    let base = common_parent(&spec.lower_dirs);
+    let at = spec.target.with_file_name("layers");
+    match std::fs::create_dir(&at) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
+        Err(e) => {
+            return Err(RootfsError::Sys {
+                step: format!("creating {}", at.display()),
+                source: Errno::from_raw(e.raw_os_error().unwrap_or(libc::EIO)),
+            });
+        }
+    }
+    let tree =
+        idmapped_tree(&base, userns, false).step(|| format!("ID-mapping the image layers in {}", base.display()))?;
+    move_mount_to(&tree, &at).step(|| format!("attaching the ID-mapped layers at {}", at.display()))?;
+    let mut mapped = spec.clone();
+    mapped.lower_dirs = spec
+        .lower_dirs
+        .iter()
+        .map(|dir| at.join(dir.strip_prefix(&base).unwrap_or(dir)))
+        .collect();
+    Ok(mapped)
+}
+
+/// A detached copy of the mount tree at `source`, ID-mapped through the user namespace
+/// file `userns`.
+fn idmapped_tree(source: &Path, userns: &Path, recursive: bool) -> nix::Result<OwnedFd> {
+    let userns = open(userns, OFlag::O_RDONLY | OFlag::O_CLOEXEC, Mode::empty())?;
+    let source = CString::new(source.as_os_str().as_bytes()).map_err(|_| Errno::EINVAL)?;
+    let recursive_flag = if recursive {
+        libc::AT_RECURSIVE as libc::c_uint
+    } else {
+        0
+    };
+    // SAFETY: the path is NUL-terminated and outlives the call; returns a new fd or -1.
+    let fd = Errno::result(unsafe {
+        libc::syscall(
+            libc::SYS_open_tree,
+            libc::AT_FDCWD,
+            source.as_ptr(),
+            OPEN_TREE_CLONE | OPEN_TREE_CLOEXEC | recursive_flag,
+        )
+    })?;
+    // SAFETY: open_tree returned a fresh descriptor that nothing else owns.
+    let tree = unsafe { OwnedFd::from_raw_fd(fd as libc::c_int) };
+    let attr = MountAttr {
+        attr_set: MOUNT_ATTR_IDMAP,
+        attr_clr: 0,
+        propagation: 0,
+        userns_fd: userns.as_raw_fd() as u64,
+    };
+    let flags = libc::AT_EMPTY_PATH | if recursive { libc::AT_RECURSIVE } else { 0 };
+    // SAFETY: the path is NUL-terminated and `attr` is a live struct whose size is passed
+    // along; the kernel only reads both.
+    let rc = unsafe {
+        libc::syscall(
+            libc::SYS_mount_setattr,
+            tree.as_raw_fd(),
+            c"".as_ptr(),
+            flags,
+            &attr as *const MountAttr,
+            std::mem::size_of::<MountAttr>(),
+        )
+    };
+    Errno::result(rc)?;
+    Ok(tree)
+}
+
+fn mount_rootfs_unmapped(spec: &RootfsSpec) -> Result<()> {
     let target = &spec.target;
     if spec.lower_dirs.is_empty() {
         // pivot_root needs the new root to be a mount point.
@@ -661,6 +750,32 @@ impl Rootfs<'_> {
         self.reopen_mounted(dest, &fd)
     }
 
+    /// Like `bind` for a user mount, ID-mapped through the pod's user namespace.
+    fn bind_idmapped(&self, source: &Path, dest: &str, recursive: bool) -> Result<OwnedFd> {
+        let Some(userns) = &self.spec.userns else {
+            return Err(RootfsError::Sys {
+                step: format!("ID-mapping {dest} without a user namespace"),
+                source: Errno::EINVAL,
+            });
+        };
+        let is_dir = match stat(source) {
+            Err(Errno::ENOENT) => return Err(RootfsError::MissingSource(source.into())),
+            other => {
+                other
+                    .step(|| format!("inspecting bind mount source {}", source.display()))?
+                    .st_mode
+                    & libc::S_IFMT
+                    == libc::S_IFDIR
+            }
+        };
+        let fd = self.ensure(dest, if is_dir { Leaf::Dir } else { Leaf::File })?;
+        self.check_destination(dest, &fd)?;
+        let tree =
+            idmapped_tree(source, userns, recursive).step(|| format!("ID-mapping {} for {dest}", source.display()))?;
+        move_mount_onto(&tree, &fd).step(|| format!("bind mounting {} on {dest}", source.display()))?;
+        self.reopen_mounted(dest, &fd)
+    }
+
     /// Refuses user mounts over the rootfs root or inside /proc.
     fn check_destination(&self, dest: &str, fd: &OwnedFd) -> Result<()> {
         let st = statx_fd(fd).step(|| format!("inspecting {dest}"))?;
@@ -838,7 +953,11 @@ impl Rootfs<'_> {
         }
         let mnt = match &m.kind {
             MountKind::Bind => {
-                let mnt = self.bind(&m.source, dest, m.recursive, true)?;
+                let mnt = if m.idmap {
+                    self.bind_idmapped(&m.source, dest, m.recursive)?
+                } else {
+                    self.bind(&m.source, dest, m.recursive, true)?
+                };
                 if m.readonly {
                     remount_bind(&mnt, MsFlags::MS_RDONLY).step(|| format!("remounting {dest} read-only"))?;
                 }
@@ -1114,7 +1233,11 @@ const FSCONFIG_SET_STRING: libc::c_uint = 1;
 const FSCONFIG_CMD_CREATE: libc::c_uint = 6;
 const FSMOUNT_CLOEXEC: libc::c_uint = 1;
 const MOVE_MOUNT_F_EMPTY_PATH: libc::c_uint = 4;
+const MOVE_MOUNT_T_EMPTY_PATH: libc::c_uint = 0x40;
 const MOUNT_ATTR_RDONLY: u64 = 1;
+const MOUNT_ATTR_IDMAP: u64 = 0x0010_0000;
+const OPEN_TREE_CLONE: libc::c_uint = 1;
+const OPEN_TREE_CLOEXEC: libc::c_uint = libc::O_CLOEXEC as libc::c_uint;
 
 /// `struct mount_attr` (MOUNT_ATTR_SIZE_VER0).
 #[repr(C)]
@@ -1203,6 +1326,22 @@ fn move_mount_to(mnt: &OwnedFd, target: &Path) -> nix::Result<()> {
             libc::AT_FDCWD,
             target.as_ptr(),
             MOVE_MOUNT_F_EMPTY_PATH,
+        )
+    };
+    Errno::result(rc).map(drop)
+}
+
+/// Attaches the detached mount `mnt` onto the directory or file open as `target`.
+fn move_mount_onto(mnt: &OwnedFd, target: &OwnedFd) -> nix::Result<()> {
+    // SAFETY: both paths are empty NUL-terminated strings; the fds are open.
+    let rc = unsafe {
+        libc::syscall(
+            libc::SYS_move_mount,
+            mnt.as_raw_fd(),
+            c"".as_ptr(),
+            target.as_raw_fd(),
+            c"".as_ptr(),
+            MOVE_MOUNT_F_EMPTY_PATH | MOVE_MOUNT_T_EMPTY_PATH,
         )
     };
     Errno::result(rc).map(drop)
@@ -1648,6 +1787,7 @@ mod tests {
             recursive_readonly: false,
             propagation: Propagation::Private,
             recursive: false,
+            idmap: false,
         }
     }
 

@@ -10,7 +10,7 @@ use nix::sched::CloneFlags;
 use serde::{Deserialize, Serialize};
 
 use super::LinuxError;
-use crate::spec::{NamespaceMode, SandboxSpec};
+use crate::spec::{NamespaceMode, SandboxSpec, UserNamespace};
 
 /// What the backend keeps about a running sandbox (stored in the sandbox record).
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -20,6 +20,9 @@ pub struct SandboxRuntime {
     pub ipcns: Option<PathBuf>,
     pub utsns: Option<PathBuf>,
     pub pidns: Option<PathBuf>,
+    /// The pod's own user namespace (`hostUsers: false`), owner of its net/IPC/UTS namespaces.
+    #[serde(default)]
+    pub userns: Option<PathBuf>,
     pub pod_init_pid: Option<i32>,
     pub cgroup_path: String,
     /// Whether podvisor made the pod cgroup (no cgroup parent was given), and so removes it.
@@ -94,8 +97,21 @@ pub fn validate_sysctls(spec: &SandboxSpec) -> Result<(), LinuxError> {
     Ok(())
 }
 
-pub fn create(dir: &Path, spec: &SandboxSpec, pod_init_exe: &Path) -> Result<SandboxRuntime, LinuxError> {
+/// A pod user namespace cannot be combined with the node's other namespaces
+/// (kubelet never asks for it; the pod would own nothing its root could use).
+pub fn validate_user_namespace(spec: &SandboxSpec) -> Result<(), LinuxError> {
+    let ns = &spec.namespaces;
+    if ns.user.is_some() && [ns.network, ns.pid, ns.ipc].contains(&NamespaceMode::Node) {
+        return Err(LinuxError::Invalid(
+            "a pod user namespace cannot be combined with host network, PID or IPC".into(),
+        ));
+    }
+    Ok(())
+}
+
+pub fn create(dir: &Path, spec: &SandboxSpec, exe: &Path) -> Result<SandboxRuntime, LinuxError> {
     validate_sysctls(spec)?;
+    validate_user_namespace(spec)?;
     crate::sys::fs::ensure_dir(dir, 0o711).map_err(LinuxError::io("creating sandbox directory"))?;
     let mut runtime = SandboxRuntime {
         dir: dir.to_path_buf(),
@@ -118,7 +134,14 @@ pub fn create(dir: &Path, spec: &SandboxSpec, pod_init_exe: &Path) -> Result<San
     } else {
         spec.hostname.clone()
     };
-    let pinned = pin_namespaces(dir, &kinds, &hostname, &spec.sysctls)?;
+    let pinned = match &spec.namespaces.user {
+        None => pin_namespaces(dir, &kinds, &hostname, &spec.sysctls)?,
+        Some(user) => {
+            let (userns, pinned) = pin_namespaces_in_userns(dir, &kinds, &hostname, &spec.sysctls, user, exe)?;
+            runtime.userns = Some(userns);
+            pinned
+        }
+    };
     for (kind, path) in pinned {
         match kind {
             NsKind::Net => runtime.netns = Some(path),
@@ -141,7 +164,7 @@ pub fn create(dir: &Path, spec: &SandboxSpec, pod_init_exe: &Path) -> Result<San
         runtime.shm = Some(shm);
     }
     if spec.namespaces.pid == NamespaceMode::Pod {
-        let (pid, pidns) = start_pod_init(dir, pod_init_exe)?;
+        let (pid, pidns) = start_pod_init(dir, exe)?;
         runtime.pod_init_pid = Some(pid);
         runtime.pidns = Some(pidns);
     }
@@ -165,17 +188,7 @@ fn pin_namespaces(
     let result = std::thread::spawn(move || -> Result<Vec<(NsKind, PathBuf)>, LinuxError> {
         let flags = kinds.iter().fold(CloneFlags::empty(), |acc, k| acc | k.flag());
         nix::sched::unshare(flags).map_err(|e| LinuxError::Sys("creating pod namespaces", e))?;
-        if kinds.contains(&NsKind::Uts) && !hostname.is_empty() {
-            nix::unistd::sethostname(&hostname).map_err(|e| LinuxError::Sys("setting pod hostname", e))?;
-        }
-        if kinds.contains(&NsKind::Net) {
-            loopback_up()?;
-        }
-        for (key, value) in &sysctls {
-            let path = format!("/proc/sys/{}", key.replace('.', "/"));
-            std::fs::write(&path, value)
-                .map_err(|e| LinuxError::Invalid(format!("setting sysctl {key}={value}: {e}")))?;
-        }
+        configure_thread_namespaces(&kinds, &hostname, &sysctls)?;
         let mut pinned = Vec::new();
         for kind in &kinds {
             let target = ns_dir_thread.join(kind.name());
@@ -190,6 +203,151 @@ fn pin_namespaces(
         release_namespaces(&ns_dir);
     }
     result
+}
+
+/// Sets up the namespaces the calling thread is in: hostname, `lo`, sysctls.
+fn configure_thread_namespaces(
+    kinds: &[NsKind],
+    hostname: &str,
+    sysctls: &std::collections::BTreeMap<String, String>,
+) -> Result<(), LinuxError> {
+    if kinds.contains(&NsKind::Uts) && !hostname.is_empty() {
+        nix::unistd::sethostname(hostname).map_err(|e| LinuxError::Sys("setting pod hostname", e))?;
+    }
+    if kinds.contains(&NsKind::Net) {
+        loopback_up()?;
+    }
+    for (key, value) in sysctls {
+        let path = format!("/proc/sys/{}", key.replace('.', "/"));
+        std::fs::write(&path, value).map_err(|e| LinuxError::Invalid(format!("setting sysctl {key}={value}: {e}")))?;
+    }
+    Ok(())
+}
+
+/// Like `pin_namespaces`, with the namespaces owned by a new user namespace
+/// with the pod's ID mappings. A thread cannot enter a user namespace, so a
+/// short-lived `podvisor userns-holder` process makes them: it unshares the
+/// user namespace, waits for the daemon to write its ID maps, unshares the
+/// rest and waits again while the daemon pins them all. The namespaces are
+/// then configured from a thread that joins them (which a thread may do).
+fn pin_namespaces_in_userns(
+    dir: &Path,
+    kinds: &[NsKind],
+    hostname: &str,
+    sysctls: &std::collections::BTreeMap<String, String>,
+    user: &UserNamespace,
+    exe: &Path,
+) -> Result<(PathBuf, Vec<(NsKind, PathBuf)>), LinuxError> {
+    use std::io::{BufRead, Write};
+    use std::os::unix::process::CommandExt;
+    let ns_dir = dir.join("ns");
+    crate::sys::fs::ensure_dir(&ns_dir, 0o711).map_err(LinuxError::io("creating namespace directory"))?;
+    let names: Vec<&str> = kinds.iter().map(|k| k.name()).collect();
+    let mut holder = std::process::Command::new(exe)
+        .arg("userns-holder")
+        .arg(names.join(","))
+        .process_group(0)
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .map_err(LinuxError::io("starting the user namespace holder"))?;
+    let pid = holder.id();
+    let mut steps = || -> Result<(PathBuf, Vec<(NsKind, PathBuf)>), LinuxError> {
+        let (Some(stdin), Some(stdout)) = (holder.stdin.as_mut(), holder.stdout.take()) else {
+            return Err(LinuxError::Invalid("user namespace holder has no pipes".into()));
+        };
+        let mut lines = std::io::BufReader::new(stdout).lines();
+        let mut expect = |want: &str| -> Result<(), LinuxError> {
+            match lines.next() {
+                Some(Ok(line)) if line == want => Ok(()),
+                Some(Ok(line)) => Err(LinuxError::Invalid(format!("user namespace holder: {line}"))),
+                _ => Err(LinuxError::Invalid("user namespace holder ended early".into())),
+            }
+        };
+        expect("ready")?;
+        for (file, m) in [("uid_map", user.uids), ("gid_map", user.gids)] {
+            std::fs::write(
+                format!("/proc/{pid}/{file}"),
+                format!("{} {} {}\n", m.container_id, m.host_id, m.length),
+            )
+            .map_err(|e| LinuxError::Invalid(format!("writing the pod's {file}: {e}")))?;
+        }
+        stdin
+            .write_all(b"go\n")
+            .map_err(LinuxError::io("resuming the user namespace holder"))?;
+        expect("ok")?;
+        let userns = ns_dir.join("user");
+        pin_namespace(&format!("/proc/{pid}/ns/user"), &userns)?;
+        let mut pinned = Vec::new();
+        for kind in kinds {
+            let target = ns_dir.join(kind.name());
+            pin_namespace(&format!("/proc/{pid}/ns/{}", kind.name()), &target)?;
+            pinned.push((*kind, target));
+        }
+        Ok((userns, pinned))
+    };
+    let result = steps();
+    let _ = holder.kill();
+    let _ = holder.wait();
+    let result = result.and_then(|(userns, pinned)| {
+        let kinds = kinds.to_vec();
+        let hostname = hostname.to_string();
+        let sysctls = sysctls.clone();
+        let files: Vec<PathBuf> = pinned.iter().map(|(_, path)| path.clone()).collect();
+        std::thread::spawn(move || -> Result<(), LinuxError> {
+            for file in &files {
+                let ns = std::fs::File::open(file).map_err(LinuxError::io("opening pod namespace"))?;
+                nix::sched::setns(&ns, CloneFlags::empty()).map_err(|e| LinuxError::Sys("joining pod namespace", e))?;
+            }
+            configure_thread_namespaces(&kinds, &hostname, &sysctls)
+        })
+        .join()
+        .map_err(|_| LinuxError::Invalid("namespace thread panicked".into()))??;
+        Ok((userns, pinned))
+    });
+    if result.is_err() {
+        release_namespaces(&ns_dir);
+    }
+    result
+}
+
+/// `podvisor userns-holder KINDS`: unshares a user namespace, reports
+/// `ready`, waits for a line (its ID maps are written by then), unshares the
+/// comma-separated namespace KINDS (net, ipc, uts), reports `ok` and waits
+/// until stdin closes or it is killed.
+pub fn userns_holder_main(kinds: &str) -> ! {
+    use std::io::{BufRead, Write};
+    let mut out = std::io::stdout();
+    let fail = |out: &mut std::io::Stdout, what: &str, err: nix::errno::Errno| -> ! {
+        let _ = writeln!(out, "{what}: {err}");
+        std::process::exit(1)
+    };
+    if let Err(e) = nix::sched::unshare(CloneFlags::CLONE_NEWUSER) {
+        fail(&mut out, "creating the user namespace", e);
+    }
+    let _ = writeln!(out, "ready");
+    let _ = out.flush();
+    let mut line = String::new();
+    let mut input = std::io::stdin().lock();
+    if input.read_line(&mut line).unwrap_or(0) == 0 {
+        std::process::exit(1);
+    }
+    let flags = kinds.split(',').fold(CloneFlags::empty(), |acc, name| {
+        acc | match name {
+            "net" => CloneFlags::CLONE_NEWNET,
+            "ipc" => CloneFlags::CLONE_NEWIPC,
+            "uts" => CloneFlags::CLONE_NEWUTS,
+            _ => CloneFlags::empty(),
+        }
+    });
+    if let Err(e) = nix::sched::unshare(flags) {
+        fail(&mut out, "creating the pod namespaces", e);
+    }
+    let _ = writeln!(out, "ok");
+    let _ = out.flush();
+    while input.read_line(&mut line).unwrap_or(0) > 0 {}
+    std::process::exit(0)
 }
 
 /// Brings `lo` up in the calling thread's network namespace.
@@ -338,7 +496,7 @@ pub fn remove(runtime: &SandboxRuntime) -> Result<(), LinuxError> {
 }
 
 fn release_namespaces(ns_dir: &Path) {
-    for name in ["net", "ipc", "uts", "pid"] {
+    for name in ["net", "ipc", "uts", "pid", "user"] {
         let path = ns_dir.join(name);
         let _ = nix::mount::umount2(&path, MntFlags::MNT_DETACH);
         let _ = std::fs::remove_file(&path);
