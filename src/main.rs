@@ -71,8 +71,17 @@ enum Command {
 }
 
 fn main() -> std::process::ExitCode {
+    // The helpers run single-threaded and never start an async runtime. The
+    // monitor lives as long as its container: it skips the argument parser, whose
+    // code would otherwise stay resident in every monitor.
+    let args: Vec<std::ffi::OsString> = std::env::args_os().collect();
+    if args.len() == 3 && args[1] == "monitor" {
+        podvisor::backend::linux::monitor::run(std::path::Path::new(&args[2]))
+    }
+    if args.len() == 2 && args[1] == "pod-init" {
+        podvisor::backend::linux::sandbox::pod_init_main()
+    }
     let cli = Cli::parse();
-    // The helpers run single-threaded and never start an async runtime.
     match &cli.command {
         Command::Monitor { bundle } => podvisor::backend::linux::monitor::run(bundle),
         Command::ExecHelper { config } => podvisor::backend::linux::exec::run(config),

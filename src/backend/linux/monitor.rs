@@ -206,6 +206,7 @@ fn monitor(bundle: &Path, sync: &mut Option<File>) -> Result<(), String> {
     }
     report(sync, &format!("ok {}\n", child.as_raw()));
     *sync = None;
+    crate::sys::memory::release_startup_pages();
 
     let mut log = open_log(&config.log_path);
     let mut pumps = vec![Pump::new(out_read, Stream::Stdout), Pump::new(err_read, Stream::Stderr)];

@@ -457,6 +457,7 @@ pub fn pod_init_main() -> ! {
             }
             let _ = nix::unistd::setsid();
             let _ = nix::unistd::chdir("/");
+            crate::sys::memory::release_startup_pages();
             loop {
                 match nix::sys::wait::wait() {
                     Ok(_) => {}
