@@ -673,6 +673,33 @@ async fn stats_and_resource_updates() {
         (128u64 << 20).to_string()
     );
     assert_eq!(cgroup("cpu", "cpu.shares").trim(), "256");
+
+    // Pod-level resize: overhead plus the containers' sum, on podvisor's pod cgroup.
+    runtime
+        .update_pod_sandbox_resources(cri::UpdatePodSandboxResourcesRequest {
+            pod_sandbox_id: pod.clone(),
+            overhead: Some(cri::LinuxContainerResources {
+                memory_limit_in_bytes: 16 << 20,
+                ..Default::default()
+            }),
+            resources: Some(cri::LinuxContainerResources {
+                memory_limit_in_bytes: 300 << 20,
+                ..Default::default()
+            }),
+        })
+        .await
+        .unwrap();
+    let pod_limit =
+        std::fs::read_to_string(format!("/sys/fs/cgroup/memory/podvisor/{pod}/memory.limit_in_bytes")).unwrap();
+    assert_eq!(pod_limit.trim(), (316u64 << 20).to_string());
+    let err = runtime
+        .update_pod_sandbox_resources(cri::UpdatePodSandboxResourcesRequest {
+            pod_sandbox_id: "no-such-pod".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::NotFound);
     fx.remove_pod(&pod).await;
 }
 

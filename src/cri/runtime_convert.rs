@@ -194,16 +194,33 @@ fn seccomp(profile: Option<&cri::SecurityProfile>, legacy_path: &str) -> Option<
     }
 }
 
+/// The pod cgroup's resources: the pod's own, with the pod overhead added to its limits.
+pub fn pod_resources(
+    overhead: Option<&cri::LinuxContainerResources>,
+    pod: Option<&cri::LinuxContainerResources>,
+) -> Resources {
+    let mut resources = resources(pod);
+    let overhead = self::resources(overhead);
+    if let (Some(limit), Some(extra)) = (resources.memory_limit, overhead.memory_limit) {
+        resources.memory_limit = Some(limit + extra);
+    }
+    if let (Some(quota), Some(extra)) = (resources.cpu_quota, overhead.cpu_quota)
+        && quota > 0
+        && extra > 0
+    {
+        resources.cpu_quota = Some(quota + extra);
+    }
+    if let (Some(shares), Some(extra)) = (resources.cpu_shares, overhead.cpu_shares) {
+        resources.cpu_shares = Some(shares + extra);
+    }
+    resources
+}
+
 pub fn sandbox_spec(config: cri::PodSandboxConfig, runtime_handler: String) -> Result<SandboxSpec, String> {
     let metadata = config.metadata.ok_or("sandbox config needs metadata")?;
     let linux = config.linux.unwrap_or_default();
     let security = linux.security_context.unwrap_or_default();
-    let mut resources = resources(linux.resources.as_ref());
-    // The pod overhead adds to the pod's own limits.
-    let overhead = self::resources(linux.overhead.as_ref());
-    if let (Some(limit), Some(extra)) = (resources.memory_limit, overhead.memory_limit) {
-        resources.memory_limit = Some(limit + extra);
-    }
+    let resources = pod_resources(linux.overhead.as_ref(), linux.resources.as_ref());
     let dns = config.dns_config.unwrap_or_default();
     Ok(SandboxSpec {
         metadata: PodMetadata {

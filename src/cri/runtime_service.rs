@@ -326,6 +326,21 @@ impl RuntimeService for RuntimeServiceImpl {
         Ok(Response::new(cri::UpdateContainerResourcesResponse {}))
     }
 
+    async fn update_pod_sandbox_resources(
+        &self,
+        request: Request<cri::UpdatePodSandboxResourcesRequest>,
+    ) -> Result<Response<cri::UpdatePodSandboxResourcesResponse>, Status> {
+        let request = request.into_inner();
+        let resources = convert::pod_resources(request.overhead.as_ref(), request.resources.as_ref());
+        let span = tracing::info_span!("UpdatePodSandboxResources", sandbox = %request.pod_sandbox_id);
+        self.manager
+            .update_sandbox_resources(&request.pod_sandbox_id, resources)
+            .instrument(span)
+            .await
+            .map_err(manager_status)?;
+        Ok(Response::new(cri::UpdatePodSandboxResourcesResponse {}))
+    }
+
     async fn reopen_container_log(
         &self,
         request: Request<cri::ReopenContainerLogRequest>,

@@ -133,6 +133,36 @@ impl Manager {
         Ok(())
     }
 
+    /// New pod-level resources (kubelet's in-place resize). Applied to the pod
+    /// cgroup when podvisor made it; a cgroup parent from kubelet is kubelet's
+    /// to size, so then they are only recorded.
+    pub async fn update_sandbox_resources(
+        &self,
+        id: &str,
+        resources: crate::cgroups::Resources,
+    ) -> Result<(), ManagerError> {
+        let mut record = self.sandbox(id)?;
+        let _guard = self.lock(&record.id).await;
+        if record.state != SandboxState::Ready {
+            return Err(ManagerError::FailedPrecondition(format!(
+                "sandbox {} is not ready",
+                record.id
+            )));
+        }
+        if record.runtime.owns_cgroup {
+            self.inner
+                .linux
+                .update_sandbox_resources(&record.runtime.cgroup_path, &resources)?;
+        }
+        record.spec.resources = resources;
+        self.inner
+            .store
+            .save_sandbox(&record)
+            .map_err(store_error("saving sandbox record"))?;
+        self.sandboxes().insert(record.id.clone(), record);
+        Ok(())
+    }
+
     pub fn sandbox(&self, id: &str) -> Result<SandboxRecord, ManagerError> {
         self.find_sandbox_id(id)
             .and_then(|id| self.sandboxes().get(&id).cloned())

@@ -339,6 +339,13 @@ impl LinuxBackend {
         Ok(())
     }
 
+    pub fn update_sandbox_resources(&self, cgroup_path: &str, resources: &Resources) -> Result<(), LinuxError> {
+        if let Some(cgroup) = self.cgroup(cgroup_path) {
+            cgroup.apply(resources)?;
+        }
+        Ok(())
+    }
+
     pub fn stats(&self, cgroup_path: &str) -> Option<crate::cgroups::Stats> {
         self.cgroup(cgroup_path).and_then(|c| c.stats().ok())
     }
