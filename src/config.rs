@@ -12,6 +12,79 @@ pub const DEFAULT_CONFIG_PATH: &str = "/etc/podvisor/config.toml";
 #[serde(deny_unknown_fields, default)]
 pub struct Config {
     pub registry: RegistryConfig,
+    pub network: NetworkConfig,
+}
+
+/// Which pod network is used.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum NetworkMode {
+    /// CNI when the config directory holds a network configuration, else the built-in network.
+    #[default]
+    Auto,
+    /// CNI only: without a configuration pods cannot start and the network is not ready.
+    Cni,
+    /// The built-in bridge network, whatever the CNI directory holds.
+    Builtin,
+}
+
+/// How pods are connected.
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct NetworkConfig {
+    /// Default: `auto`.
+    pub mode: NetworkMode,
+    /// Where CNI network configurations (`.conflist`, `.conf`, `.json`) are read;
+    /// the first file by name wins. Default: `/etc/cni/net.d`.
+    pub cni_conf_dir: PathBuf,
+    /// Where CNI plugins are looked for, in order. Default: `/opt/cni/bin`, `/usr/lib/cni`.
+    pub cni_bin_dirs: Vec<PathBuf>,
+    /// Seconds one CNI plugin call may take before it is killed. Default: 60.
+    pub cni_timeout_seconds: u64,
+    pub builtin: BuiltinNetworkConfig,
+}
+
+impl Default for NetworkConfig {
+    fn default() -> Self {
+        NetworkConfig {
+            mode: NetworkMode::Auto,
+            cni_conf_dir: PathBuf::from("/etc/cni/net.d"),
+            cni_bin_dirs: vec![PathBuf::from("/opt/cni/bin"), PathBuf::from("/usr/lib/cni")],
+            cni_timeout_seconds: 60,
+            builtin: BuiltinNetworkConfig::default(),
+        }
+    }
+}
+
+/// The built-in network (used without a CNI configuration).
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct BuiltinNetworkConfig {
+    /// The bridge pods are attached to. Default: `podvisor0`.
+    pub bridge: String,
+    /// Pod IPv4 addresses; the first is the bridge's (the pods' gateway). Default: `10.88.0.0/16`.
+    pub subnet: String,
+    /// Optional pod IPv6 subnet, e.g. `fd88::/64`. Default: none.
+    pub subnet_v6: Option<String>,
+    /// MTU of the bridge and the pods' interfaces. Default: the host's default-route interface's.
+    pub mtu: Option<u32>,
+    /// `auto` (nftables when `nft` works, else iptables), `nft` or `iptables`. Default: `auto`.
+    pub nat: String,
+    /// Name of podvisor's nftables tables (and prefix of its iptables chains). Default: `podvisor`.
+    pub nat_name: String,
+}
+
+impl Default for BuiltinNetworkConfig {
+    fn default() -> Self {
+        BuiltinNetworkConfig {
+            bridge: "podvisor0".into(),
+            subnet: "10.88.0.0/16".into(),
+            subnet_v6: None,
+            mtu: None,
+            nat: "auto".into(),
+            nat_name: "podvisor".into(),
+        }
+    }
 }
 
 /// How images are fetched.
@@ -91,6 +164,27 @@ impl Config {
 
     fn validate(&self) -> Result<(), String> {
         let registry = &self.registry;
+        let builtin = &self.network.builtin;
+        if builtin.subnet.parse::<ipnet::Ipv4Net>().is_err() {
+            return Err(format!(
+                "network.builtin.subnet {:?} is not an IPv4 CIDR",
+                builtin.subnet
+            ));
+        }
+        if let Some(v6) = &builtin.subnet_v6
+            && v6.parse::<ipnet::Ipv6Net>().is_err()
+        {
+            return Err(format!("network.builtin.subnet_v6 {v6:?} is not an IPv6 CIDR"));
+        }
+        if !["auto", "nft", "iptables"].contains(&builtin.nat.as_str()) {
+            return Err(format!(
+                "network.builtin.nat {:?} must be auto, nft or iptables",
+                builtin.nat
+            ));
+        }
+        if self.network.cni_timeout_seconds == 0 {
+            return Err("network.cni_timeout_seconds must be at least 1".into());
+        }
         if registry.max_concurrent_downloads == 0 {
             return Err("registry.max_concurrent_downloads must be at least 1".into());
         }

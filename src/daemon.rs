@@ -63,8 +63,11 @@ pub async fn run(options: DaemonOptions, shutdown: impl Future<Output = ()> + Se
     }
     let _lock = DirLock::acquire(&options.root.join("podvisor.lock"))?;
     let images = ImageStore::open(&options.root, config.registry.clone()).map_err(DaemonError::Images)?;
-    let manager =
-        crate::manager::Manager::new(images.clone(), &options.root, &options.state).map_err(DaemonError::Manager)?;
+    let network =
+        crate::network::PodNetwork::new(&config.network, &options.state).map_err(|e| DaemonError::Manager(e.into()))?;
+    let manager = crate::manager::Manager::new(images.clone(), network, &options.root, &options.state)
+        .await
+        .map_err(DaemonError::Manager)?;
     // Only now do containers' pins protect the image content they use.
     images.collect_garbage().map_err(DaemonError::Images)?;
     let socket = cri::socket::socket_path(&options.listen);

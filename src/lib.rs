@@ -10,6 +10,7 @@ pub mod daemon;
 pub mod image;
 pub mod logging;
 pub mod manager;
+pub mod network;
 pub mod spec;
 pub mod sys;
 

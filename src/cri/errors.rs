@@ -45,6 +45,7 @@ pub fn status(code: Code, err: &(dyn std::error::Error + 'static)) -> Status {
 pub fn manager_status(err: crate::manager::ManagerError) -> Status {
     use crate::backend::linux::LinuxError;
     use crate::manager::ManagerError;
+    use crate::network::NetworkError;
     let code = match &err {
         ManagerError::InvalidArgument(_) => Code::InvalidArgument,
         ManagerError::NotFound { .. } => Code::NotFound,
@@ -56,6 +57,18 @@ pub fn manager_status(err: crate::manager::ManagerError) -> Status {
         ManagerError::Backend(LinuxError::StartFailed(_)) => Code::FailedPrecondition,
         ManagerError::Backend(_) | ManagerError::Store { .. } => Code::Internal,
         ManagerError::Image(_) => Code::Internal,
+        ManagerError::Network(NetworkError::Invalid(_)) => Code::InvalidArgument,
+        ManagerError::Network(NetworkError::Builtin(
+            crate::network::builtin::NetError::Conflict(_) | crate::network::builtin::NetError::Invalid(_),
+        )) => Code::InvalidArgument,
+        ManagerError::Network(NetworkError::Builtin(crate::network::builtin::NetError::Exhausted(_))) => {
+            Code::ResourceExhausted
+        }
+        ManagerError::Network(NetworkError::NotReady(_)) => Code::FailedPrecondition,
+        ManagerError::Network(NetworkError::Cni(
+            crate::network::cni::CniError::InvalidConfig { .. } | crate::network::cni::CniError::PluginNotFound { .. },
+        )) => Code::FailedPrecondition,
+        ManagerError::Network(_) => Code::Internal,
     };
     if let ManagerError::Image(inner) = err {
         return image_status(inner);

@@ -396,7 +396,13 @@ pub fn sandbox_status(record: &SandboxRecord) -> cri::PodSandboxStatus {
         metadata: Some(pod_metadata(&record.spec.metadata)),
         state: sandbox_state(record.state),
         created_at: record.created_at,
-        network: Some(cri::PodSandboxNetworkStatus::default()),
+        network: Some({
+            let mut ips = record.network.as_ref().map(|n| n.ips()).unwrap_or_default().into_iter();
+            cri::PodSandboxNetworkStatus {
+                ip: ips.next().unwrap_or_default(),
+                additional_ips: ips.map(|ip| cri::PodIp { ip }).collect(),
+            }
+        }),
         linux: Some(cri::LinuxPodSandboxStatus {
             namespaces: Some(cri::Namespace {
                 options: Some(cri::NamespaceOption {

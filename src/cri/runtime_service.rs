@@ -67,15 +67,11 @@ impl RuntimeService for RuntimeServiceImpl {
     }
 
     async fn status(&self, request: Request<cri::StatusRequest>) -> Result<Response<cri::StatusResponse>, Status> {
-        let conditions = vec![
-            condition("RuntimeReady", true, "", ""),
-            condition(
-                "NetworkReady",
-                false,
-                "NetworkNotImplemented",
-                "pod networking is not available in this build yet",
-            ),
-        ];
+        let network = match self.manager.network_ready().await {
+            Ok(_) => condition("NetworkReady", true, "", ""),
+            Err(why) => condition("NetworkReady", false, "NetworkPluginNotReady", &why),
+        };
+        let conditions = vec![condition("RuntimeReady", true, "", ""), network];
         let mut info = HashMap::new();
         if request.into_inner().verbose {
             let pod_cidr = self.pod_cidr.lock().unwrap_or_else(|e| e.into_inner()).clone();
@@ -184,6 +180,7 @@ impl RuntimeService for RuntimeServiceImpl {
                 "backend": record.backend,
                 "runtime": record.runtime,
                 "spec": record.spec,
+                "network": record.network,
             });
             info.insert("info".to_string(), details.to_string());
         }

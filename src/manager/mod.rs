@@ -31,6 +31,8 @@ pub enum ManagerError {
     Backend(#[from] LinuxError),
     #[error("image")]
     Image(#[from] crate::image::ImageError),
+    #[error("pod network")]
+    Network(#[from] crate::network::NetworkError),
     #[error("saving state: {context}")]
     Store {
         context: String,
@@ -71,6 +73,7 @@ pub struct Manager {
 struct Inner {
     images: ImageStore,
     linux: Arc<LinuxBackend>,
+    network: Arc<crate::network::PodNetwork>,
     store: RecordStore,
     sandboxes: Mutex<HashMap<String, SandboxRecord>>,
     containers: Mutex<HashMap<String, ContainerRecord>>,
@@ -94,14 +97,21 @@ fn new_id() -> String {
 }
 
 impl Manager {
-    pub fn new(images: ImageStore, root: &std::path::Path, state: &std::path::Path) -> Result<Manager, ManagerError> {
+    pub async fn new(
+        images: ImageStore,
+        network: crate::network::PodNetwork,
+        root: &std::path::Path,
+        state: &std::path::Path,
+    ) -> Result<Manager, ManagerError> {
         let linux = Arc::new(LinuxBackend::new(root, state)?);
+        let network = Arc::new(network);
         let store = RecordStore::open(root).map_err(store_error("opening the record store"))?;
         let (events, _) = tokio::sync::broadcast::channel(1024);
         let manager = Manager {
             inner: Arc::new(Inner {
                 images,
                 linux,
+                network,
                 store,
                 sandboxes: Mutex::new(HashMap::new()),
                 containers: Mutex::new(HashMap::new()),
@@ -110,7 +120,7 @@ impl Manager {
                 events,
             }),
         };
-        manager.recover();
+        manager.recover().await;
         Ok(manager)
     }
 

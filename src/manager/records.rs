@@ -24,6 +24,9 @@ pub struct SandboxRecord {
     pub created_at: i64,
     pub backend: BackendKind,
     pub runtime: SandboxRuntime,
+    /// How the pod is attached to the network, until it is detached.
+    #[serde(default)]
+    pub network: Option<crate::network::NetworkAttachment>,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]

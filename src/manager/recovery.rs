@@ -9,7 +9,7 @@ use super::{EventKind, Manager, container_name_key, sandbox_name_key};
 use crate::image::ImageStore;
 
 impl Manager {
-    pub(super) fn recover(&self) {
+    pub(super) async fn recover(&self) {
         for record in self.inner.store.load_sandboxes() {
             let mut record = record;
             if record.state == SandboxState::Ready && !record.runtime.dir.exists() {
@@ -53,6 +53,13 @@ impl Manager {
             self.inner.images.pin(&record.id, content);
             self.containers().insert(record.id.clone(), record);
         }
+        let known_sandboxes: std::collections::HashSet<String> = self.sandboxes().keys().cloned().collect();
+        let known_containers: std::collections::HashSet<String> = self.containers().keys().cloned().collect();
+        for (id, dir) in self.inner.linux.orphan_sandboxes(&known_sandboxes) {
+            self.inner.network.detach_orphan(&id, &dir).await;
+        }
+        self.inner.linux.sweep_orphans(&known_sandboxes, &known_containers);
+        self.inner.network.start().await;
         let sandboxes = self.sandboxes().len();
         let containers = self.containers().len();
         if sandboxes + containers > 0 {

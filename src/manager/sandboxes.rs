@@ -50,6 +50,18 @@ impl Manager {
                 )));
             }
         };
+        let network = match &runtime.netns {
+            Some(netns) if spec.namespaces.network != crate::spec::NamespaceMode::Node => {
+                match self.inner.network.attach(&id, &spec, netns, &runtime.dir).await {
+                    Ok(attachment) => Some(attachment),
+                    Err(err) => {
+                        self.discard_sandbox(&runtime, &key).await;
+                        return Err(err.into());
+                    }
+                }
+            }
+            _ => None,
+        };
         let record = SandboxRecord {
             id: id.clone(),
             spec,
@@ -57,10 +69,17 @@ impl Manager {
             created_at: now_nanos(),
             backend: kind,
             runtime,
+            network,
         };
         if let Err(err) = self.inner.store.save_sandbox(&record) {
-            self.inner.linux.remove_sandbox(&record.runtime);
-            self.names().remove(&key);
+            if let Some(network) = &record.network {
+                let _ = self
+                    .inner
+                    .network
+                    .detach(&id, record.runtime.netns.as_deref(), network)
+                    .await;
+            }
+            self.discard_sandbox(&record.runtime, &key).await;
             return Err(store_error("saving sandbox record")(err));
         }
         self.sandboxes().insert(id.clone(), record);
@@ -86,6 +105,18 @@ impl Manager {
         let Some(mut record) = self.sandboxes().get(&id).cloned() else {
             return Ok(());
         };
+        if let Some(network) = &record.network {
+            self.inner
+                .network
+                .detach(&id, record.runtime.netns.as_deref(), network)
+                .await?;
+            record.network = None;
+            self.inner
+                .store
+                .save_sandbox(&record)
+                .map_err(store_error("saving sandbox record"))?;
+            self.sandboxes().insert(id.clone(), record.clone());
+        }
         if record.state == SandboxState::NotReady {
             return Ok(());
         }
@@ -118,6 +149,12 @@ impl Manager {
         let Some(record) = self.sandboxes().get(&id).cloned() else {
             return Ok(());
         };
+        if let Some(network) = &record.network {
+            self.inner
+                .network
+                .detach(&id, record.runtime.netns.as_deref(), network)
+                .await?;
+        }
         let linux = self.inner.linux.clone();
         let runtime = record.runtime.clone();
         let _ = tokio::task::spawn_blocking(move || linux.remove_sandbox(&runtime)).await;
@@ -131,6 +168,19 @@ impl Manager {
         self.forget_lock(&id);
         tracing::info!(sandbox = %id, "sandbox removed");
         Ok(())
+    }
+
+    /// Undoes a sandbox that never got its record.
+    async fn discard_sandbox(&self, runtime: &crate::backend::linux::sandbox::SandboxRuntime, name_key: &str) {
+        let linux = self.inner.linux.clone();
+        let runtime = runtime.clone();
+        let _ = tokio::task::spawn_blocking(move || linux.remove_sandbox(&runtime)).await;
+        self.names().remove(name_key);
+    }
+
+    /// Whether pods can be attached to the network now, or why not.
+    pub async fn network_ready(&self) -> Result<String, String> {
+        self.inner.network.ready().await
     }
 
     /// New pod-level resources (kubelet's in-place resize). Applied to the pod

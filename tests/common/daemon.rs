@@ -15,6 +15,24 @@ pub struct Daemon {
     dir: TempDir,
     child: Option<Child>,
     config: Option<PathBuf>,
+    /// The built-in network's bridge and NAT table names, removed on drop.
+    network: Option<(String, String)>,
+}
+
+/// A built-in network of the test's own (bridge, subnet, NAT table), so that
+/// daemons under test run side by side without touching the node's.
+pub fn test_network_config() -> (String, String, String) {
+    static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+    let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let pid = std::process::id();
+    let bridge = format!("pvt{:04}{:02}", pid % 10000, n % 100);
+    let nat = format!("pvt_{pid}_{n}");
+    let text = format!(
+        "[network]\nmode = \"builtin\"\n[network.builtin]\nbridge = \"{bridge}\"\nsubnet = \"10.{}.{}.0/24\"\nnat_name = \"{nat}\"\n",
+        100 + pid % 100,
+        n % 256
+    );
+    (text, bridge, nat)
 }
 
 impl Daemon {
@@ -27,15 +45,20 @@ impl Daemon {
             .prefix("podvisor-test-")
             .tempdir()
             .expect("tempdir");
-        let config = config.map(|text| {
-            let path = dir.path().join("config.toml");
-            std::fs::write(&path, text).expect("write config");
-            path
-        });
+        let mut text = config.unwrap_or_default().to_string();
+        let mut network = None;
+        if !text.contains("[network") {
+            let (section, bridge, nat) = test_network_config();
+            text.push_str(&section);
+            network = Some((bridge, nat));
+        }
+        let path = dir.path().join("config.toml");
+        std::fs::write(&path, text).expect("write config");
         let mut daemon = Daemon {
             dir,
             child: None,
-            config,
+            config: Some(path),
+            network,
         };
         daemon.launch().await;
         daemon
@@ -241,5 +264,22 @@ impl Drop for Daemon {
         }
         self.kill();
         self.sweep();
+        if let Some((bridge, nat)) = &self.network {
+            remove_test_network(bridge, nat);
+        }
     }
+}
+
+/// Deletes a test network's bridge and NAT tables (what a daemon leaves for the next run).
+pub fn remove_test_network(bridge: &str, nat: &str) {
+    let quiet = |program: &str, args: &[&str]| {
+        let _ = Command::new(program)
+            .args(args)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status();
+    };
+    quiet("ip", &["link", "del", bridge]);
+    quiet("nft", &["delete", "table", "ip", nat]);
+    quiet("nft", &["delete", "table", "ip6", nat]);
 }

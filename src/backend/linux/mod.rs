@@ -11,6 +11,7 @@ pub mod sandbox;
 pub mod seccomp;
 pub mod users;
 
+use std::collections::HashSet;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -359,12 +360,65 @@ impl LinuxBackend {
         .map_err(|e| LinuxError::Sys("signalling the container monitor", e))
     }
 
+    /// Removes what a crash left between making a sandbox or container and
+    /// recording it: state directories, writable layers and podvisor's own
+    /// cgroups whose ids no record knows.
+    /// Sandbox directories whose ids no record knows, as (id, directory).
+    pub fn orphan_sandboxes(&self, sandboxes: &HashSet<String>) -> Vec<(String, PathBuf)> {
+        std::fs::read_dir(self.state_dir.join("sandboxes"))
+            .map(|entries| {
+                entries
+                    .filter_map(|e| e.ok())
+                    .filter_map(|e| e.file_name().into_string().ok())
+                    .filter(|id| !sandboxes.contains(id))
+                    .map(|id| (id.clone(), self.sandbox_dir(&id)))
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+
+    pub fn sweep_orphans(&self, sandboxes: &HashSet<String>, containers: &HashSet<String>) {
+        let entries = |dir: &Path| -> Vec<String> {
+            std::fs::read_dir(dir)
+                .map(|entries| {
+                    entries
+                        .filter_map(|e| e.ok())
+                        .filter_map(|e| e.file_name().into_string().ok())
+                        .collect()
+                })
+                .unwrap_or_default()
+        };
+        for id in entries(&self.state_dir.join("sandboxes")) {
+            if !sandboxes.contains(&id) {
+                tracing::info!(sandbox = %id, "removing a sandbox left without a record");
+                let dir = self.sandbox_dir(&id);
+                self.remove_sandbox(&SandboxRuntime {
+                    shm: Some(dir.join("shm")),
+                    dir,
+                    cgroup_path: Self::sandbox_cgroup_path("", &id),
+                    owns_cgroup: true,
+                    ..Default::default()
+                });
+            }
+        }
+        let mut ids = entries(&self.state_dir.join("containers"));
+        ids.extend(entries(&self.rw_root));
+        ids.sort();
+        ids.dedup();
+        for id in ids {
+            if !containers.contains(&id) {
+                tracing::info!(container = %id, "removing a container left without a record");
+                self.remove_container_files(&self.bundle_dir(&id), &self.rw_dir(&id), "");
+            }
+        }
+    }
+
     pub fn remove_container(&self, runtime: &ContainerRuntime) {
         self.remove_container_files(&runtime.bundle, &runtime.rw_dir, &runtime.cgroup_path);
     }
 
     fn remove_container_files(&self, bundle: &Path, rw_dir: &Path, cgroup_path: &str) {
-        if let Some(cgroup) = self.cgroup(cgroup_path) {
+        if let Some(cgroup) = self.cgroup(cgroup_path).filter(|_| !cgroup_path.is_empty()) {
             let _ = cgroup.kill_all();
             if let Err(err) = cgroup.delete() {
                 tracing::warn!(error = %crate::error_chain(&err), "removing container cgroup");
