@@ -8,6 +8,9 @@ packages=(
   docker-registry     # tests: a real OCI registry
   busybox-static      # tests: the binary test images are built from
   apache2-utils       # tests: htpasswd for the basic-auth registry
+  nftables            # built-in network: NAT and hostPorts
+  iptables            # built-in network: fallback NAT backend (tested too)
+  containernetworking-plugins  # CNI: the reference plugins (bridge, host-local, portmap, ...)
 )
 
 missing=()

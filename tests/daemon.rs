@@ -34,10 +34,7 @@ async fn version_status_and_runtime_config() {
     let runtime_ready = conditions.iter().find(|c| c.r#type == "RuntimeReady").unwrap();
     assert!(runtime_ready.status);
     let network_ready = conditions.iter().find(|c| c.r#type == "NetworkReady").unwrap();
-    assert!(
-        !network_ready.status && !network_ready.reason.is_empty(),
-        "{network_ready:?}"
-    );
+    assert!(network_ready.status, "the built-in network is ready: {network_ready:?}");
     let info: serde_json::Value = serde_json::from_str(&status.info["info"]).unwrap();
     assert_eq!(info["cgroupDriver"], "cgroupfs");
     assert!(

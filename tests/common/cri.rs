@@ -22,6 +22,12 @@ pub struct Fixture {
 
 impl Fixture {
     pub async fn start() -> Fixture {
+        Self::start_with_config(None).await
+    }
+
+    /// With a daemon config of the test's own (without `[network]` the daemon
+    /// gets a built-in network of its own).
+    pub async fn start_with_config(config: Option<&str>) -> Fixture {
         let registry = Registry::start().await;
         push_image(
             &registry.url(),
@@ -31,7 +37,7 @@ impl Fixture {
             Flavour::Oci,
         )
         .await;
-        let daemon = Daemon::start().await;
+        let daemon = Daemon::start_with_config(config).await;
         let image = format!("{}/test/busybox:latest", registry.host());
         daemon.pull(&image).await.expect("pull busybox");
         Fixture {

@@ -15,7 +15,7 @@ pub const MTIME: u64 = 1_600_000_000;
 pub const BUSYBOX_APPLETS: &[&str] = &[
     "sh", "ls", "cat", "echo", "sleep", "id", "true", "false", "env", "hostname", "mkdir", "rm", "touch", "wc", "head",
     "tail", "grep", "stat", "readlink", "ps", "kill", "printf", "test", "uname", "whoami", "chmod", "ln", "cp", "mv",
-    "sed", "pwd", "tee", "nc", "wget", "mount", "top",
+    "sed", "pwd", "tee", "nc", "wget", "mount", "top", "ip", "httpd",
 ];
 
 /// `sha256:<hex>` of `data`.
