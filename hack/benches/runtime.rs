@@ -1,6 +1,8 @@
 //! Runtime benchmark: p50/p95 of the sandbox and container lifecycle calls
-//! over 30+ iterations, the daemon's idle RSS and the memory each running pod
-//! adds (RSS of every process podvisor starts for it). Run with `hack/bench`.
+//! over 30+ iterations (pods on the built-in network), the daemon's idle RSS
+//! and the memory each running pod adds (RSS of every process podvisor starts
+//! for it); then RunPodSandbox/StopPodSandbox for each network path (built-in,
+//! CNI bridge chain, host network). Run with `hack/bench`.
 
 #[path = "../../tests/common/mod.rs"]
 mod common;
@@ -19,7 +21,7 @@ fn report(what: &str, samples: &mut [Duration]) {
     let p50 = percentile(samples, 0.50);
     let p95 = percentile(samples, 0.95);
     println!(
-        "{what:<22} p50 {:>8.2} ms   p95 {:>8.2} ms   (n={})",
+        "{what:<30} p50 {:>8.2} ms   p95 {:>8.2} ms   (n={})",
         p50.as_secs_f64() * 1000.0,
         p95.as_secs_f64() * 1000.0,
         samples.len()
@@ -179,5 +181,80 @@ async fn main() {
             "per running pod (its monitor, 1 container): RSS {} KiB, PSS {} KiB, private {} KiB",
             per_pod_kib[mid], per_pod_pss[mid], per_pod_private[mid]
         );
+    }
+    drop(fx);
+    for path in ["built-in", "CNI bridge", "host network"] {
+        network_path(path, iterations).await;
+    }
+}
+
+/// RunPodSandbox and StopPodSandbox (then RemovePodSandbox, untimed) on one network path.
+async fn network_path(path: &str, iterations: usize) {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let bridge = format!("pvbench{}", std::process::id() % 10000);
+    let config = match path {
+        "CNI bridge" => {
+            let conf_dir = dir.path().join("net.d");
+            std::fs::create_dir(&conf_dir).expect("conf dir");
+            let conflist = serde_json::json!({
+                "cniVersion": "1.0.0", "name": "bench", "plugins": [
+                    {"type": "bridge", "bridge": bridge, "isGateway": true, "ipMasq": true,
+                     "ipam": {"type": "host-local", "ranges": [[{"subnet": "10.211.0.0/24"}]],
+                              "routes": [{"dst": "0.0.0.0/0"}], "dataDir": dir.path().join("ipam")}},
+                    {"type": "portmap", "capabilities": {"portMappings": true}},
+                    {"type": "loopback"}
+                ]
+            });
+            std::fs::write(conf_dir.join("10-bench.conflist"), conflist.to_string()).expect("conflist");
+            Some(format!(
+                "[network]\nmode = \"cni\"\ncni_conf_dir = \"{}\"\ncni_bin_dirs = [\"/usr/lib/cni\"]\n",
+                conf_dir.display()
+            ))
+        }
+        _ => None,
+    };
+    let fx = Fixture::start_with_config(config.as_deref()).await;
+    let mut runtime = fx.runtime().await;
+    let (mut run, mut stop) = (Vec::new(), Vec::new());
+    for i in 0..iterations {
+        let mut pod_config = fx.pod(&format!("net-{i}"));
+        if path == "host network" {
+            pod_config.linux.as_mut().expect("linux").security_context = Some(cri::LinuxSandboxSecurityContext {
+                namespace_options: Some(cri::NamespaceOption {
+                    network: cri::NamespaceMode::Node as i32,
+                    ..Default::default()
+                }),
+                ..Default::default()
+            });
+        }
+        let pod = timed(
+            &mut run,
+            runtime.run_pod_sandbox(cri::RunPodSandboxRequest {
+                config: Some(pod_config),
+                runtime_handler: String::new(),
+            }),
+        )
+        .await
+        .expect("run")
+        .into_inner()
+        .pod_sandbox_id;
+        timed(
+            &mut stop,
+            runtime.stop_pod_sandbox(cri::StopPodSandboxRequest {
+                pod_sandbox_id: pod.clone(),
+            }),
+        )
+        .await
+        .expect("stopp");
+        runtime
+            .remove_pod_sandbox(cri::RemovePodSandboxRequest { pod_sandbox_id: pod })
+            .await
+            .expect("rmp");
+    }
+    report(&format!("RunPodSandbox, {path}"), &mut run);
+    report(&format!("StopPodSandbox, {path}"), &mut stop);
+    drop(fx);
+    if path == "CNI bridge" {
+        common::daemon::remove_test_network(&bridge, "none");
     }
 }
