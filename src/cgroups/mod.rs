@@ -7,6 +7,8 @@
 //! host memory limits go to the v1 `memory` hierarchy while, for example,
 //! hugetlb limits go to the cgroup2 mount.
 
+pub mod devices_bpf;
+
 use std::collections::{BTreeMap, BTreeSet};
 use std::ffi::OsString;
 use std::fmt;
@@ -108,6 +110,8 @@ pub enum CgroupError {
     InvalidResources(String),
     #[error("invalid pid {0}")]
     InvalidPid(i32),
+    #[error("device filter")]
+    Devices(#[from] devices_bpf::DeviceFilterError),
     #[error("failed to kill pid {pid}")]
     Kill { pid: i32, source: Errno },
     #[error("{remaining} processes are still in {path} after killing them")]
@@ -594,13 +598,18 @@ impl Cgroup {
     }
 
     /// This cgroup's directory in each hierarchy (v1 first, then cgroup2).
-    /// Restricts device access (v1 `devices` controller): deny everything,
-    /// then allow each rule (`"c 1:3 rwm"`, `"b *:* m"`). Returns false when the
-    /// host has no v1 devices controller (on cgroup v2 device control is an
-    /// eBPF program, which podvisor does not load yet).
+    /// Restricts device access: deny everything, then allow each rule
+    /// (`"c 1:3 rwm"`, `"b *:* m"`). With a v1 `devices` controller through its
+    /// files; on cgroup v2 with an eBPF device program attached to the cgroup.
+    /// Returns false when the host offers neither.
     pub fn restrict_devices(&self, allow: &[String]) -> Result<bool, CgroupError> {
         let Some(mount) = self.mounts.v1_mount("devices") else {
-            return Ok(false);
+            let Some(dir) = self.unified_dir() else {
+                return Ok(false);
+            };
+            let rules = devices_bpf::parse_rules(allow)?;
+            devices_bpf::apply(&dir, &rules)?;
+            return Ok(true);
         };
         let dir = mount.dir.join(self.path.relative());
         write_file(&dir.join("devices.deny"), "a")?;
