@@ -319,6 +319,25 @@ async fn traffic_host_ports_and_cleanup(kind: Kind) {
         assert!(body.contains("hello-from-the-pod"));
     }
 
+    // The traffic shows in the pod's network stats.
+    let stats = fx
+        .runtime()
+        .await
+        .pod_sandbox_stats(cri::PodSandboxStatsRequest {
+            pod_sandbox_id: server_pod.clone(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .stats
+        .unwrap();
+    let eth0 = stats.linux.unwrap().network.unwrap().default_interface.unwrap();
+    assert_eq!(eth0.name, "eth0");
+    assert!(
+        eth0.rx_bytes.unwrap().value > 100 && eth0.tx_bytes.unwrap().value > 100,
+        "{eth0:?}"
+    );
+
     // Stopping releases the pod's veth, address and port rules (and keeps the record).
     assert_eq!(
         network.bridge_ports().len(),

@@ -596,7 +596,7 @@ impl RuntimeServiceImpl {
             linux: Some(cri::LinuxPodSandboxStats {
                 cpu: Some(self.cpu_usage(&record.id, now, &stats)),
                 memory: Some(memory_usage(now, &stats)),
-                network: None,
+                network: record.runtime.netns.as_deref().map(|netns| network_usage(now, netns)),
                 process: Some(cri::ProcessUsage {
                     timestamp: now,
                     process_count: Some(cri::UInt64Value {
@@ -621,6 +621,29 @@ impl RuntimeServiceImpl {
             .iter()
             .map(|record| self.sandbox_stats_of(record))
             .collect()
+    }
+}
+
+/// The pod's interface counters; `eth0` (the pods' interface) is the default one.
+fn network_usage(now: i64, netns: &std::path::Path) -> cri::NetworkUsage {
+    let value = |value: u64| Some(cri::UInt64Value { value });
+    let interfaces: Vec<cri::NetworkInterfaceUsage> = crate::backend::linux::sandbox::interface_counters(netns)
+        .into_iter()
+        .map(|c| cri::NetworkInterfaceUsage {
+            name: c.name,
+            rx_bytes: value(c.rx_bytes),
+            rx_errors: value(c.rx_errors),
+            tx_bytes: value(c.tx_bytes),
+            tx_errors: value(c.tx_errors),
+        })
+        .collect();
+    cri::NetworkUsage {
+        timestamp: now,
+        default_interface: interfaces
+            .iter()
+            .find(|i| i.name == crate::network::POD_INTERFACE)
+            .cloned(),
+        interfaces,
     }
 }
 

@@ -471,6 +471,49 @@ pub fn pod_init_main() -> ! {
     }
 }
 
+/// One interface's counters from `/proc/net/dev`.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct InterfaceCounters {
+    pub name: String,
+    pub rx_bytes: u64,
+    pub rx_errors: u64,
+    pub tx_bytes: u64,
+    pub tx_errors: u64,
+}
+
+/// The counters of every interface but `lo` in the network namespace `netns`,
+/// read on a short-lived thread that joins it.
+pub fn interface_counters(netns: &Path) -> Vec<InterfaceCounters> {
+    let netns = netns.to_path_buf();
+    std::thread::spawn(move || {
+        let file = std::fs::File::open(&netns).ok()?;
+        nix::sched::setns(&file, CloneFlags::CLONE_NEWNET).ok()?;
+        std::fs::read_to_string("/proc/thread-self/net/dev").ok()
+    })
+    .join()
+    .ok()
+    .flatten()
+    .map(|text| parse_net_dev(&text))
+    .unwrap_or_default()
+}
+
+fn parse_net_dev(text: &str) -> Vec<InterfaceCounters> {
+    text.lines()
+        .skip(2)
+        .filter_map(|line| {
+            let (name, counters) = line.split_once(':')?;
+            let n: Vec<u64> = counters.split_whitespace().filter_map(|v| v.parse().ok()).collect();
+            (n.len() >= 11 && name.trim() != "lo").then(|| InterfaceCounters {
+                name: name.trim().to_string(),
+                rx_bytes: n[0],
+                rx_errors: n[2],
+                tx_bytes: n[8],
+                tx_errors: n[10],
+            })
+        })
+        .collect()
+}
+
 /// Stops what keeps the sandbox alive: the pod init and the network namespace.
 pub fn stop(runtime: &SandboxRuntime) {
     if let Some(pid) = runtime.pod_init_pid {
@@ -507,6 +550,21 @@ fn release_namespaces(ns_dir: &Path) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn net_dev_counters() {
+        let text = "Inter-|   Receive                                                |  Transmit\n face |bytes    packets errs drop fifo frame compressed multicast|bytes    packets errs drop fifo colls carrier compressed\n    lo:     100       1    0    0    0     0          0         0      100       1    0    0    0     0       0          0\n  eth0:    5000      10    2    0    0     0          0         0     7000      12    3    0    0     0       0          0\n";
+        assert_eq!(
+            parse_net_dev(text),
+            vec![InterfaceCounters {
+                name: "eth0".into(),
+                rx_bytes: 5000,
+                rx_errors: 2,
+                tx_bytes: 7000,
+                tx_errors: 3,
+            }]
+        );
+    }
 
     #[test]
     fn sysctls_must_belong_to_the_pod() {
