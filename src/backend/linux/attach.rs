@@ -480,3 +480,75 @@ fn connect(bundle: &Path) -> std::io::Result<tokio::net::UnixStream> {
     socket.set_nonblocking(true)?;
     tokio::net::UnixStream::from_std(socket)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// One round of the monitor's poll loop, for the attach part.
+    fn poll_once(server: &mut AttachServer) {
+        let mut fds = Vec::new();
+        server.register(&mut fds);
+        // SAFETY: fds is a valid array of pollfd of the given length.
+        unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, 1000) };
+        server.handle(&fds);
+    }
+
+    fn read_frame(client: &mut UnixStream) -> (u8, Vec<u8>) {
+        let mut header = [0u8; HEADER];
+        client.read_exact(&mut header).unwrap();
+        let mut payload = vec![0u8; u32::from_be_bytes([header[1], header[2], header[3], header[4]]) as usize];
+        client.read_exact(&mut payload).unwrap();
+        (header[0], payload)
+    }
+
+    #[test]
+    fn attachers_get_wanted_output_and_feed_stdin_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let (stdin_read, stdin_write) = nix::unistd::pipe().unwrap();
+        let mut server = AttachServer::bind(dir.path(), Some(stdin_write), None, true);
+        let mut client = UnixStream::connect(dir.path().join(SOCKET_NAME)).unwrap();
+        client.write_all(&frame(HELLO, &[WANT_STDIN | WANT_STDOUT])).unwrap();
+        client.write_all(&frame(STDIN, b"typed")).unwrap();
+        poll_once(&mut server); // accepted
+        poll_once(&mut server); // hello and input
+        let mut stdin = std::fs::File::from(stdin_read);
+        let mut typed = [0u8; 5];
+        stdin.read_exact(&mut typed).unwrap();
+        assert_eq!(&typed, b"typed");
+
+        server.broadcast(STDERR, b"unwanted");
+        server.broadcast(STDOUT, b"out");
+        assert_eq!(read_frame(&mut client), (STDOUT, b"out".to_vec()));
+
+        // stdin_once: the attacher's end of input is the container's.
+        client.write_all(&frame(STDIN_CLOSE, &[])).unwrap();
+        poll_once(&mut server);
+        let mut rest = Vec::new();
+        stdin.read_to_end(&mut rest).unwrap();
+        assert!(rest.is_empty());
+        drop(server);
+        assert!(!dir.path().join(SOCKET_NAME).exists());
+    }
+
+    #[test]
+    fn an_attacher_that_does_not_read_is_dropped() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut server = AttachServer::bind(dir.path(), None, None, false);
+        let mut stalled = UnixStream::connect(dir.path().join(SOCKET_NAME)).unwrap();
+        stalled.write_all(&frame(HELLO, &[WANT_STDOUT])).unwrap();
+        poll_once(&mut server);
+        poll_once(&mut server);
+        let chunk = vec![b'x'; 32 * 1024];
+        let mut sent = 0;
+        while server.attachers.len() == 1 {
+            server.broadcast(STDOUT, &chunk);
+            sent += chunk.len();
+            assert!(sent < 64 << 20, "never dropped");
+        }
+        let mut received = Vec::new();
+        stalled.read_to_end(&mut received).unwrap();
+        // What the socket held; the rest was never sent.
+        assert!(!received.is_empty() && received.len() < sent - MAX_PENDING_OUTPUT / 2);
+    }
+}
