@@ -356,11 +356,12 @@ fn set_nonblocking(fd: &OwnedFd) -> nix::Result<()> {
 fn listen(bundle: &Path) -> std::io::Result<UnixListener> {
     let dir = std::fs::File::open(bundle)?;
     let _ = std::fs::remove_file(bundle.join(SOCKET_NAME));
-    // Only root may attach.
-    let mask = nix::sys::stat::umask(nix::sys::stat::Mode::from_bits_truncate(0o177));
-    let listener = UnixListener::bind(short_path(&dir));
-    nix::sys::stat::umask(mask);
-    let listener = listener?;
+    let listener = UnixListener::bind(short_path(&dir))?;
+    // Only root may attach (connecting takes write permission).
+    std::fs::set_permissions(
+        bundle.join(SOCKET_NAME),
+        std::os::unix::fs::PermissionsExt::from_mode(0o600),
+    )?;
     listener.set_nonblocking(true)?;
     Ok(listener)
 }

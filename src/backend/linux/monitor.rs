@@ -54,7 +54,7 @@ pub struct InitConfig {
     pub process: ProcessConfig,
     pub log_path: PathBuf,
     pub stdin: bool,
-    /// Close the container's stdin when the first attacher that wrote to it leaves.
+    /// Close the container's stdin when the first attacher with stdin leaves or ends its input.
     #[serde(default)]
     pub stdin_once: bool,
 }

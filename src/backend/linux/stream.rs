@@ -177,13 +177,15 @@ fn connect_on_this_thread(netns: Option<&Path>, port: u16) -> Result<std::net::T
 
 /// In a forked child before exec: puts `fd` at `target`, inherited by the program.
 fn place_fd(fd: RawFd, target: RawFd) -> io::Result<()> {
-    if fd == target {
-        // SAFETY: fcntl on an open fd; no memory is involved.
-        if unsafe { libc::fcntl(fd, libc::F_SETFD, 0) } < 0 {
-            return Err(io::Error::last_os_error());
+    // SAFETY: fcntl/dup2 on fds open in this process; no memory is involved.
+    let placed = unsafe {
+        if fd == target {
+            libc::fcntl(fd, libc::F_SETFD, 0)
+        } else {
+            libc::dup2(fd, target)
         }
-        // SAFETY: dup2 on fds that are open in this process.
-    } else if unsafe { libc::dup2(fd, target) } < 0 {
+    };
+    if placed < 0 {
         return Err(io::Error::last_os_error());
     }
     Ok(())
