@@ -2,6 +2,7 @@
 //! daemon runs with no file at all; unknown fields are rejected.
 
 use std::collections::BTreeMap;
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
@@ -13,6 +14,24 @@ pub const DEFAULT_CONFIG_PATH: &str = "/etc/podvisor/config.toml";
 pub struct Config {
     pub registry: RegistryConfig,
     pub network: NetworkConfig,
+    pub streaming: StreamingConfig,
+}
+
+/// The HTTP server behind the URLs that Exec, Attach and PortForward return.
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct StreamingConfig {
+    /// `IP:PORT` to listen on; port 0 picks a free port (the URLs carry the real one).
+    /// Default: `127.0.0.1:0`.
+    pub address: SocketAddr,
+}
+
+impl Default for StreamingConfig {
+    fn default() -> Self {
+        StreamingConfig {
+            address: SocketAddr::from(([127, 0, 0, 1], 0)),
+        }
+    }
 }
 
 /// Which pod network is used.
@@ -231,6 +250,14 @@ mod tests {
         assert!(err.contains("insecur"), "{err}");
         let err = Config::parse("[registry.mirrors]\n\"docker.io\" = [\"127.0.0.1:5000\"]\n").unwrap_err();
         assert!(err.contains("http://"), "{err}");
+    }
+
+    #[test]
+    fn streaming_address_defaults_to_a_random_loopback_port() {
+        assert_eq!(Config::default().streaming.address.to_string(), "127.0.0.1:0");
+        let config = Config::parse("[streaming]\naddress = \"0.0.0.0:10010\"\n").unwrap();
+        assert_eq!(config.streaming.address.port(), 10010);
+        assert!(Config::parse("[streaming]\naddress = \"nowhere\"\n").is_err());
     }
 
     #[test]

@@ -3,6 +3,7 @@
 
 use std::future::Future;
 use std::path::PathBuf;
+use std::sync::Arc;
 
 use crate::config::{Config, ConfigError};
 use crate::cri::proto::podvisor::pull_progress_server::PullProgressServer;
@@ -10,6 +11,7 @@ use crate::cri::proto::runtime::image_service_server::ImageServiceServer;
 use crate::cri::proto::runtime::runtime_service_server::RuntimeServiceServer;
 use crate::cri::{self, ImageServiceImpl, PullProgressImpl, RuntimeInfo, RuntimeServiceImpl};
 use crate::image::{ImageError, ImageStore};
+use crate::streaming::StreamingServer;
 use crate::sys::lock::{DirLock, LockError};
 
 pub const DEFAULT_ENDPOINT: &str = "unix:///run/podvisor/podvisor.sock";
@@ -50,6 +52,12 @@ pub enum DaemonError {
     Socket(#[from] cri::socket::SocketError),
     #[error("gRPC server failed")]
     Serve(#[source] tonic::transport::Error),
+    #[error("cannot listen for streaming on {address}")]
+    Streaming {
+        address: std::net::SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
 }
 
 /// Runs the daemon until `shutdown` completes.
@@ -70,6 +78,11 @@ pub async fn run(options: DaemonOptions, shutdown: impl Future<Output = ()> + Se
         .map_err(DaemonError::Manager)?;
     // Only now do containers' pins protect the image content they use.
     images.collect_garbage().map_err(DaemonError::Images)?;
+    let address = config.streaming.address;
+    let streaming = StreamingServer::new(address, Arc::new(cri::StreamingRuntimeImpl::new(manager.clone())))
+        .await
+        .map_err(|source| DaemonError::Streaming { address, source })?;
+    let streaming = Arc::new(streaming);
     let socket = cri::socket::socket_path(&options.listen);
     let info = RuntimeInfo {
         root: options.root.clone(),
@@ -84,13 +97,16 @@ pub async fn run(options: DaemonOptions, shutdown: impl Future<Output = ()> + Se
         root = %options.root.display(),
         cgroups = ?info.cgroup_layout,
         images = images.list().len(),
+        streaming = %streaming.local_addr(),
         "podvisor daemon ready"
     );
     let containers_dir = options.root.join("containers");
     let (stop_serving, serving_stopped) = tokio::sync::oneshot::channel::<()>();
     let server = tonic::transport::Server::builder()
         .trace_fn(|request| tracing::info_span!("rpc", method = %request.uri().path()))
-        .add_service(RuntimeServiceServer::new(RuntimeServiceImpl::new(info, manager)))
+        .add_service(RuntimeServiceServer::new(RuntimeServiceImpl::new(
+            info, manager, streaming,
+        )))
         .add_service(ImageServiceServer::new(ImageServiceImpl::new(
             images.clone(),
             containers_dir,

@@ -12,6 +12,7 @@ pub mod logging;
 pub mod manager;
 pub mod network;
 pub mod spec;
+pub mod streaming;
 pub mod sys;
 
 /// An error and all its sources, `outer: inner: innermost`, for messages that

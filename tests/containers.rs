@@ -806,7 +806,13 @@ async fn container_events_and_log_reopen() {
         .await;
     let status = fx.status(&id).await;
     let log = std::path::PathBuf::from(&status.log_path);
-    common::wait_for(Duration::from_secs(5), "ticks", || log.exists()).await;
+    // The monitor creates the log before the first line: wait for that line.
+    common::wait_for(Duration::from_secs(5), "ticks", || {
+        std::fs::read_to_string(&log)
+            .unwrap_or_default()
+            .contains("stdout F tick 0")
+    })
+    .await;
 
     // kubelet rotates: rename, then ask for a reopen; new lines go to a new file.
     let rotated = log.with_extension("log.1");

@@ -33,8 +33,9 @@ async fn version_status_and_runtime_config() {
     let conditions = status.status.unwrap().conditions;
     let runtime_ready = conditions.iter().find(|c| c.r#type == "RuntimeReady").unwrap();
     assert!(runtime_ready.status);
+    // The daemon under test has a built-in network of its own, set up at start.
     let network_ready = conditions.iter().find(|c| c.r#type == "NetworkReady").unwrap();
-    assert!(network_ready.status, "the built-in network is ready: {network_ready:?}");
+    assert!(network_ready.status, "{network_ready:?}");
     let info: serde_json::Value = serde_json::from_str(&status.info["info"]).unwrap();
     assert_eq!(info["cgroupDriver"], "cgroupfs");
     assert!(

@@ -9,10 +9,12 @@ mod progress_service;
 mod runtime_convert;
 mod runtime_service;
 pub mod socket;
+mod streaming_runtime;
 
 pub use image_service::ImageServiceImpl;
 pub use progress_service::PullProgressImpl;
 pub use runtime_service::{RuntimeInfo, RuntimeServiceImpl};
+pub use streaming_runtime::StreamingRuntimeImpl;
 
 /// Code generated from `proto/`.
 pub mod proto {

@@ -1,7 +1,7 @@
 //! CRI RuntimeService: validate, convert, call the manager, convert back.
 
 use std::collections::HashMap;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 
 use tonic::{Request, Response, Status};
 
@@ -15,6 +15,7 @@ use super::runtime_convert as convert;
 use super::{CRI_API_VERSION, RUNTIME_NAME};
 use crate::manager::EventKind;
 use crate::manager::records::ContainerState;
+use crate::streaming::{StreamError, StreamingServer};
 
 /// Facts about this runtime that Status reports.
 #[derive(Clone, Debug, serde::Serialize)]
@@ -29,6 +30,8 @@ pub struct RuntimeInfo {
 pub struct RuntimeServiceImpl {
     info: RuntimeInfo,
     manager: crate::manager::Manager,
+    /// Hands out the URLs of Exec, Attach and PortForward.
+    streaming: Arc<StreamingServer>,
     /// The pod CIDR kubelet last handed over through UpdateRuntimeConfig.
     pod_cidr: Mutex<String>,
     /// Last CPU sample per container or sandbox id, for nanocores.
@@ -36,10 +39,11 @@ pub struct RuntimeServiceImpl {
 }
 
 impl RuntimeServiceImpl {
-    pub fn new(info: RuntimeInfo, manager: crate::manager::Manager) -> Self {
+    pub fn new(info: RuntimeInfo, manager: crate::manager::Manager, streaming: Arc<StreamingServer>) -> Self {
         RuntimeServiceImpl {
             info,
             manager,
+            streaming,
             pod_cidr: Mutex::new(String::new()),
             cpu_samples: Mutex::new(HashMap::new()),
         }
@@ -366,6 +370,64 @@ impl RuntimeService for RuntimeServiceImpl {
         }))
     }
 
+    async fn exec(&self, request: Request<cri::ExecRequest>) -> Result<Response<cri::ExecResponse>, Status> {
+        let request = request.into_inner();
+        let record = self
+            .manager
+            .running_container(&request.container_id)
+            .map_err(manager_status)?;
+        let url = self
+            .streaming
+            .register_exec(crate::streaming::ExecRequest {
+                container_id: record.id,
+                cmd: request.cmd,
+                tty: request.tty,
+                stdin: request.stdin,
+                stdout: request.stdout,
+                stderr: request.stderr,
+            })
+            .map_err(stream_status)?;
+        Ok(Response::new(cri::ExecResponse { url }))
+    }
+
+    async fn attach(&self, request: Request<cri::AttachRequest>) -> Result<Response<cri::AttachResponse>, Status> {
+        let request = request.into_inner();
+        let record = self
+            .manager
+            .attachable_container(&request.container_id, request.tty)
+            .map_err(manager_status)?;
+        let url = self
+            .streaming
+            .register_attach(crate::streaming::AttachRequest {
+                container_id: record.id,
+                tty: request.tty,
+                stdin: request.stdin,
+                stdout: request.stdout,
+                stderr: request.stderr,
+            })
+            .map_err(stream_status)?;
+        Ok(Response::new(cri::AttachResponse { url }))
+    }
+
+    async fn port_forward(
+        &self,
+        request: Request<cri::PortForwardRequest>,
+    ) -> Result<Response<cri::PortForwardResponse>, Status> {
+        let request = request.into_inner();
+        let record = self
+            .manager
+            .ready_sandbox(&request.pod_sandbox_id)
+            .map_err(manager_status)?;
+        let url = self
+            .streaming
+            .register_portforward(crate::streaming::PortForwardRequest {
+                pod_sandbox_id: record.id,
+                ports: request.port,
+            })
+            .map_err(stream_status)?;
+        Ok(Response::new(cri::PortForwardResponse { url }))
+    }
+
     async fn container_stats(
         &self,
         request: Request<cri::ContainerStatsRequest>,
@@ -457,6 +519,16 @@ impl RuntimeService for RuntimeServiceImpl {
         });
         Ok(Response::new(Box::pin(events)))
     }
+}
+
+fn stream_status(err: StreamError) -> Status {
+    let code = match &err {
+        StreamError::InvalidArgument(_) => tonic::Code::InvalidArgument,
+        StreamError::NotFound(_) => tonic::Code::NotFound,
+        StreamError::ResourceExhausted => tonic::Code::ResourceExhausted,
+        _ => tonic::Code::Internal,
+    };
+    super::errors::status(code, &err)
 }
 
 /// Runs a state-changing operation to its end even if the caller gives up

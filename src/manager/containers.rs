@@ -347,8 +347,9 @@ impl Manager {
         out
     }
 
-    /// The process config of an exec: the container's identity, a new command.
-    fn exec_process(
+    /// The process config of an exec: the container's identity, a new command;
+    /// with a terminal `TERM=xterm` unless the container sets `TERM`.
+    pub(super) fn exec_process(
         &self,
         record: &ContainerRecord,
         command: Vec<String>,
@@ -362,6 +363,9 @@ impl Manager {
         process.args = command;
         process.tty = tty;
         process.oom_score_adj = None;
+        if tty && !process.env.iter().any(|e| e.starts_with("TERM=")) {
+            process.env.push("TERM=xterm".into());
+        }
         Ok(process)
     }
 

@@ -6,6 +6,7 @@ mod containers;
 pub mod records;
 mod recovery;
 mod sandboxes;
+mod streaming;
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};

@@ -8,6 +8,7 @@ pub mod oci;
 pub mod proxy;
 pub mod push;
 pub mod registry;
+pub mod streaming;
 
 use std::net::TcpListener;
 use std::time::{Duration, Instant};

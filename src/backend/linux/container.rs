@@ -459,6 +459,7 @@ pub fn init_config(plan: &ContainerPlan<'_>) -> Result<InitConfig, LinuxError> {
         },
         log_path: plan.log_path.clone(),
         stdin: spec.stdin,
+        stdin_once: spec.stdin_once,
     })
 }
 

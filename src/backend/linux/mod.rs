@@ -1,6 +1,7 @@
 //! The Linux container backend: pods as namespaces, containers as processes
 //! set up by a per-container monitor, all from kernel syscalls.
 
+pub mod attach;
 pub mod container;
 pub mod crilog;
 pub mod exec;
@@ -9,6 +10,7 @@ pub mod process;
 pub mod rootfs;
 pub mod sandbox;
 pub mod seccomp;
+pub mod stream;
 pub mod users;
 
 use std::collections::HashSet;
@@ -431,14 +433,15 @@ impl LinuxBackend {
         }
     }
 
-    /// Runs a command in a running container and collects its output.
-    pub async fn exec_sync(
+    /// Writes the exec helper's config for one more process in a running
+    /// container into its bundle; returns the file's path.
+    fn write_exec_config(
         &self,
         runtime: &ContainerRuntime,
         container_pid: i32,
         process: process::ProcessConfig,
-        timeout: Option<Duration>,
-    ) -> Result<ExecOutput, LinuxError> {
+        terminal_size: Option<(u16, u16)>,
+    ) -> Result<PathBuf, LinuxError> {
         let namespaces = exec::JOIN_ORDER
             .iter()
             .filter(|(_, name)| differs_from_ours(container_pid, name))
@@ -449,24 +452,44 @@ impl LinuxBackend {
             namespaces,
             cgroup_procs: self.cgroup_procs(&runtime.cgroup_path),
             process,
+            terminal_size,
         };
         let config_path = runtime.bundle.join(format!("exec-{:016x}.json", rand::random::<u64>()));
         crate::sys::fs::atomic_write_json(&config_path, &config).map_err(LinuxError::io("writing exec config"))?;
+        Ok(config_path)
+    }
+
+    /// The exec helper for a config, in a process group of its own, killed if dropped.
+    fn exec_helper_command(&self, config_path: &Path) -> tokio::process::Command {
+        let mut command = tokio::process::Command::new(&self.exe);
+        command
+            .arg("exec-helper")
+            .arg(config_path)
+            .process_group(0)
+            .kill_on_drop(true);
+        command
+    }
+
+    /// Runs a command in a running container and collects its output.
+    pub async fn exec_sync(
+        &self,
+        runtime: &ContainerRuntime,
+        container_pid: i32,
+        process: process::ProcessConfig,
+        timeout: Option<Duration>,
+    ) -> Result<ExecOutput, LinuxError> {
+        let config_path = self.write_exec_config(runtime, container_pid, process, None)?;
         let result = self.run_exec_helper(&config_path, timeout).await;
-        let _ = std::fs::remove_file(&config_path);
-        let _ = std::fs::remove_file(exec::pid_path(&config_path));
+        stream::remove_exec_files(&config_path);
         result
     }
 
     async fn run_exec_helper(&self, config_path: &Path, timeout: Option<Duration>) -> Result<ExecOutput, LinuxError> {
-        let mut child = tokio::process::Command::new(&self.exe)
-            .arg("exec-helper")
-            .arg(config_path)
+        let mut child = self
+            .exec_helper_command(config_path)
             .stdin(std::process::Stdio::null())
             .stdout(std::process::Stdio::piped())
             .stderr(std::process::Stdio::piped())
-            .process_group(0)
-            .kill_on_drop(true)
             .spawn()
             .map_err(LinuxError::io("starting exec helper"))?;
         let pgid = nix::unistd::Pid::from_raw(child.id().unwrap_or_default() as i32);
@@ -477,14 +500,9 @@ impl LinuxBackend {
             None => Some(child.wait().await),
         };
         let Some(status) = finished else {
-            // Kill the process; the helper reaps it (so it cannot linger as a
-            // zombie inside the container) and exits. Then the whole group, to be sure.
-            let pid = std::fs::read_to_string(exec::pid_path(config_path))
-                .ok()
-                .and_then(|p| p.trim().parse().ok());
-            if let Some(pid) = pid {
-                let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGKILL);
-            }
+            // Kill the process and its group; the helper reaps it (so it cannot
+            // linger as a zombie inside the container) and exits. Then the helper, to be sure.
+            stream::kill_exec_process(config_path);
             if tokio::time::timeout(Duration::from_secs(5), child.wait())
                 .await
                 .is_err()

@@ -3,6 +3,7 @@
 //! init (which joins the pod's namespaces, builds the rootfs and execs the
 //! workload), writes its output to the CRI log, reaps it, and records how it
 //! ended in `exit.json`. It does not depend on the daemon staying alive.
+//! Attach sessions connect to it (see `attach.rs`).
 
 use std::fs::File;
 use std::io::{Read, Write};
@@ -15,6 +16,7 @@ use nix::sys::wait::{WaitPidFlag, WaitStatus, waitpid};
 use nix::unistd::{ForkResult, Pid};
 use serde::{Deserialize, Serialize};
 
+use super::attach::{self, AttachServer};
 use super::crilog::{LineSplitter, Stream, rfc3339_nano_now};
 use super::process::{self, ProcessConfig};
 use super::rootfs::RootfsSpec;
@@ -52,6 +54,9 @@ pub struct InitConfig {
     pub process: ProcessConfig,
     pub log_path: PathBuf,
     pub stdin: bool,
+    /// Close the container's stdin when the first attacher with stdin leaves or ends its input.
+    #[serde(default)]
+    pub stdin_once: bool,
 }
 
 /// What the monitor records when the workload ended.
@@ -190,7 +195,6 @@ fn monitor(bundle: &Path, sync: &mut Option<File>) -> Result<(), String> {
         ForkResult::Parent { child } => child,
     };
     drop((out_write, err_write, error_write, stdin_read));
-    let _keep_stdin_open = stdin_write;
     // The terminal's master side, once the init sent it (nothing if it failed before).
     let terminal = console.and_then(|(ours, theirs)| {
         drop(theirs);
@@ -204,6 +208,15 @@ fn monitor(bundle: &Path, sync: &mut Option<File>) -> Result<(), String> {
         let _ = waitpid(child, None);
         return Err(start_error);
     }
+    // Attachers write to the stdin pipe (kept open here, so the container's stdin
+    // stays open while nobody is attached) or to the terminal.
+    let dup = |fd: &OwnedFd| fd.try_clone().ok();
+    let attach_input = match &terminal {
+        Some(terminal) if config.stdin => dup(terminal),
+        Some(_) => None,
+        None => stdin_write,
+    };
+    let mut attach = AttachServer::bind(bundle, attach_input, terminal.as_ref().and_then(dup), config.stdin_once);
     report(sync, &format!("ok {}\n", child.as_raw()));
     *sync = None;
     crate::sys::memory::release_startup_pages();
@@ -228,9 +241,10 @@ fn monitor(bundle: &Path, sync: &mut Option<File>) -> Result<(), String> {
                 revents: 0,
             });
         }
-        if exit.is_some() && fds.len() == 1 {
+        if exit.is_some() && fds.len() == 1 && !attach.sending() {
             break;
         }
+        attach.register(&mut fds);
         // Once the workload is gone, wait only briefly for leftover output.
         let timeout = if exit.is_some() { 2000 } else { -1 };
         // SAFETY: fds is a valid array of pollfd of the given length.
@@ -257,10 +271,12 @@ fn monitor(bundle: &Path, sync: &mut Option<File>) -> Result<(), String> {
         }
         for pump in pumps.iter_mut().filter(|p| p.open()) {
             if fds.iter().any(|f| f.fd == pump.fd() && f.revents != 0) {
-                pump.pump(&mut log);
+                pump.pump(&mut log, &mut attach);
             }
         }
+        attach.handle(&fds);
     }
+    drop(attach);
     let now = rfc3339_nano_now();
     for pump in &mut pumps {
         let _ = pump.splitter.finish(&now, &mut log);
@@ -344,13 +360,20 @@ fn open_log(path: &Path) -> File {
 struct Pump {
     fd: Option<OwnedFd>,
     splitter: LineSplitter,
+    /// The attach frame kind of this output.
+    kind: u8,
 }
 
 impl Pump {
     fn new(fd: OwnedFd, stream: Stream) -> Pump {
+        let kind = match stream {
+            Stream::Stdout => attach::STDOUT,
+            Stream::Stderr => attach::STDERR,
+        };
         Pump {
             fd: Some(fd),
             splitter: LineSplitter::new(stream),
+            kind,
         }
     }
 
@@ -362,17 +385,21 @@ impl Pump {
         self.fd.as_ref().map_or(-1, AsRawFd::as_raw_fd)
     }
 
-    fn pump(&mut self, log: &mut File) {
+    fn pump(&mut self, log: &mut File, attach: &mut AttachServer) {
         let mut buf = [0u8; 32 * 1024];
         // SAFETY: reading into a valid buffer from an fd we own.
         let n = unsafe { libc::read(self.fd(), buf.as_mut_ptr().cast(), buf.len()) };
         if n <= 0 {
-            if n == 0 || std::io::Error::last_os_error().raw_os_error() != Some(libc::EINTR) {
+            let errno = std::io::Error::last_os_error().raw_os_error();
+            // A terminal is non-blocking (attachers write to it too).
+            if n == 0 || !matches!(errno, Some(libc::EINTR | libc::EAGAIN)) {
                 self.fd = None;
             }
             return;
         }
-        let _ = self.splitter.feed(&buf[..n as usize], &rfc3339_nano_now(), log);
+        let data = &buf[..n as usize];
+        let _ = self.splitter.feed(data, &rfc3339_nano_now(), log);
+        attach.broadcast(self.kind, data);
     }
 }
 
@@ -465,7 +492,7 @@ fn init_steps(config: &InitConfig, stdio: Stdio) -> Result<(), String> {
 
 /// Opens a terminal in the container's own devpts, sends its master side
 /// over `console`, and returns the terminal itself.
-fn open_terminal(console: RawFd) -> Result<OwnedFd, String> {
+pub(super) fn open_terminal(console: RawFd) -> Result<OwnedFd, String> {
     use nix::fcntl::OFlag;
     let master = nix::fcntl::open(
         "/dev/ptmx",
@@ -501,7 +528,7 @@ fn open_terminal(console: RawFd) -> Result<OwnedFd, String> {
 }
 
 /// Receives one fd sent with SCM_RIGHTS; None when the peer closed without sending.
-fn receive_fd(socket: &OwnedFd) -> Option<OwnedFd> {
+pub(super) fn receive_fd(socket: &OwnedFd) -> Option<OwnedFd> {
     let mut byte = [0u8; 1];
     let mut iov = [std::io::IoSliceMut::new(&mut byte)];
     let mut space = nix::cmsg_space!(RawFd);
