@@ -186,6 +186,24 @@ async fn lifecycle_logs_exec_stop_remove_leave_nothing_behind() {
 }
 
 #[tokio::test]
+async fn workloads_start_with_default_signal_dispositions() {
+    let fx = Fixture::start().await;
+    let (status, log) = fx
+        .output_of("signals", fx.container("signals", "exec grep SigIgn /proc/self/status"))
+        .await;
+    assert_eq!(status.exit_code, 0, "{log}");
+    assert_eq!(
+        log.trim(),
+        "SigIgn:\t0000000000000000",
+        "nothing ignored (SIGPIPE included)"
+    );
+    let (pod, id) = fx.run("signals-exec", fx.container("sleeper", "exec sleep 1000")).await;
+    let out = fx.exec(&id, &["grep", "SigIgn", "/proc/self/status"]).await;
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "SigIgn:\t0000000000000000");
+    fx.remove_pod(&pod).await;
+}
+
+#[tokio::test]
 async fn exit_codes_and_reasons() {
     let fx = Fixture::start().await;
     let (status, text) = fx.output_of("ok", fx.container("ok", "echo done")).await;

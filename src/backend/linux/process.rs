@@ -86,7 +86,46 @@ pub fn exec_process(config: &ProcessConfig, seccomp: Option<&[u8]>) -> String {
     }
 }
 
+/// Exec keeps ignored signals ignored, and Rust programs start with SIGPIPE
+/// ignored (the daemon may also inherit others): the workload starts with every
+/// disposition at its default, as from any other runtime. The raw system call
+/// also reaches the signals glibc keeps for itself (32 and 33).
+fn reset_signal_dispositions() {
+    /// The kernel's `struct sigaction` (x86_64 layout; all zero, which is SIG_DFL
+    /// with no flags and an empty mask whatever the architecture's field order).
+    #[repr(C)]
+    struct KernelSigaction {
+        handler: usize,
+        flags: libc::c_ulong,
+        restorer: usize,
+        mask: u64,
+    }
+    let default = KernelSigaction {
+        handler: libc::SIG_DFL,
+        flags: 0,
+        restorer: 0,
+        mask: 0,
+    };
+    for signal in 1..=64 {
+        if signal == libc::SIGKILL || signal == libc::SIGSTOP {
+            continue;
+        }
+        // SAFETY: rt_sigaction reads a valid struct of the kernel's layout and the
+        // size of its signal mask; no old action is asked for.
+        unsafe {
+            libc::syscall(
+                libc::SYS_rt_sigaction,
+                signal,
+                &default as *const KernelSigaction,
+                std::ptr::null::<KernelSigaction>(),
+                8usize,
+            )
+        };
+    }
+}
+
 fn prepare(config: &ProcessConfig, seccomp: Option<&[u8]>) -> Result<(), String> {
+    reset_signal_dispositions();
     for limit in &config.rlimits {
         set_rlimit(limit)?;
     }
