@@ -11,6 +11,7 @@ packages=(
   nftables            # built-in network: NAT and hostPorts
   iptables            # built-in network: fallback NAT backend (tested too)
   containernetworking-plugins  # CNI: the reference plugins (bridge, host-local, portmap, ...)
+  openssl             # tests: a certificate for the HTTPS streaming server
 )
 
 missing=()

@@ -24,12 +24,18 @@ pub struct StreamingConfig {
     /// `IP:PORT` to listen on; port 0 picks a free port (the URLs carry the real one).
     /// Default: `127.0.0.1:0`.
     pub address: SocketAddr,
+    /// PEM certificate (chain) and private key: serve HTTPS instead of HTTP.
+    /// Default: none (plain HTTP, fit for the loopback address only).
+    pub tls_cert: Option<PathBuf>,
+    pub tls_key: Option<PathBuf>,
 }
 
 impl Default for StreamingConfig {
     fn default() -> Self {
         StreamingConfig {
             address: SocketAddr::from(([127, 0, 0, 1], 0)),
+            tls_cert: None,
+            tls_key: None,
         }
     }
 }
@@ -200,6 +206,9 @@ impl Config {
                 "network.builtin.nat {:?} must be auto, nft or iptables",
                 builtin.nat
             ));
+        }
+        if self.streaming.tls_cert.is_some() != self.streaming.tls_key.is_some() {
+            return Err("streaming.tls_cert and streaming.tls_key go together".into());
         }
         if self.network.cni_timeout_seconds == 0 {
             return Err("network.cni_timeout_seconds must be at least 1".into());

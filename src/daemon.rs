@@ -79,9 +79,18 @@ pub async fn run(options: DaemonOptions, shutdown: impl Future<Output = ()> + Se
     // Only now do containers' pins protect the image content they use.
     images.collect_garbage().map_err(DaemonError::Images)?;
     let address = config.streaming.address;
-    let streaming = StreamingServer::new(address, Arc::new(cri::StreamingRuntimeImpl::new(manager.clone())))
-        .await
-        .map_err(|source| DaemonError::Streaming { address, source })?;
+    let mut streaming_config = crate::streaming::ServerConfig::new(address);
+    if let (Some(cert), Some(key)) = (&config.streaming.tls_cert, &config.streaming.tls_key) {
+        let tls =
+            crate::streaming::tls_config(cert, key).map_err(|source| DaemonError::Streaming { address, source })?;
+        streaming_config.tls = Some(Arc::new(tls));
+    }
+    let streaming = StreamingServer::with_config(
+        streaming_config,
+        Arc::new(cri::StreamingRuntimeImpl::new(manager.clone())),
+    )
+    .await
+    .map_err(|source| DaemonError::Streaming { address, source })?;
     let streaming = Arc::new(streaming);
     let socket = cri::socket::socket_path(&options.listen);
     let info = RuntimeInfo {

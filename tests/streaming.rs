@@ -9,7 +9,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use futures_util::SinkExt;
 use podvisor::cri::proto::runtime as cri;
-use podvisor::streaming::spdy::{Headers, Session, SpdyStream};
+use podvisor::streaming::spdy::{Headers, Session, SessionConfig, SpdyStream};
 use tokio::io::AsyncWriteExt;
 use tokio_tungstenite::tungstenite::Message;
 
@@ -675,4 +675,89 @@ async fn crictl_exec_attach_and_port_forward() {
         let (x, y) = tokio::join!(round_trip(local, &big), round_trip(local, b"small"));
         assert!(x == big && y == b"small", "{t}: concurrent round trips differ");
     }
+}
+
+/// With a certificate configured the server speaks HTTPS: the URL says so and a
+/// whole SPDY exec runs over TLS.
+#[tokio::test]
+async fn exec_over_https_with_a_configured_certificate() {
+    use tokio::io::AsyncReadExt;
+    use tokio_rustls::rustls;
+    let dir = tempfile::tempdir().unwrap();
+    let (cert, key) = (dir.path().join("cert.pem"), dir.path().join("key.pem"));
+    let made = std::process::Command::new("openssl")
+        .args([
+            "req",
+            "-x509",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:prime256v1",
+            "-nodes",
+        ])
+        .args([
+            "-days",
+            "1",
+            "-subj",
+            "/CN=podvisor-test",
+            "-addext",
+            "subjectAltName=IP:127.0.0.1",
+        ])
+        .args(["-addext", "basicConstraints=critical,CA:FALSE"])
+        .arg("-keyout")
+        .arg(&key)
+        .arg("-out")
+        .arg(&cert)
+        .output()
+        .expect("openssl");
+    assert!(made.status.success(), "{}", String::from_utf8_lossy(&made.stderr));
+    let config = format!(
+        "[streaming]\ntls_cert = \"{}\"\ntls_key = \"{}\"\n",
+        cert.display(),
+        key.display()
+    );
+    let fx = Fixture::start_with_config(Some(&config)).await;
+    let (_pod, id) = fx.run("tls", fx.container("tls", "exec sleep 1000")).await;
+    let url = exec_url(&fx, &id, &["sh", "-c", "echo over tls; exit 4"], OUT_ERR)
+        .await
+        .unwrap();
+    let rest = url
+        .strip_prefix("https://")
+        .unwrap_or_else(|| panic!("not an https URL: {url}"));
+    let (host, path) = rest.split_once('/').unwrap();
+
+    let mut roots = rustls::RootCertStore::empty();
+    let pem = std::fs::read(&cert).unwrap();
+    let der = rustls::pki_types::pem::PemObject::from_pem_slice(&pem).unwrap();
+    roots.add(der).unwrap();
+    let client =
+        rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(rustls::crypto::ring::default_provider()))
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+    let tcp = tokio::net::TcpStream::connect(host).await.unwrap();
+    let name = rustls::pki_types::ServerName::try_from("127.0.0.1").unwrap();
+    let mut tls = tokio_rustls::TlsConnector::from(std::sync::Arc::new(client))
+        .connect(name, tcp)
+        .await
+        .expect("TLS handshake with the configured certificate");
+    let request = format!(
+        "POST /{path} HTTP/1.1\r\nHost: {host}\r\nContent-Length: 0\r\nConnection: Upgrade\r\nUpgrade: SPDY/3.1\r\nX-Stream-Protocol-Version: {V5}\r\n\r\n"
+    );
+    tls.write_all(request.as_bytes()).await.unwrap();
+    let mut head = Vec::new();
+    while !head.ends_with(b"\r\n\r\n") {
+        head.push(tls.read_u8().await.unwrap());
+    }
+    assert!(head.starts_with(b"HTTP/1.1 101"), "{}", String::from_utf8_lossy(&head));
+    let session = Session::new(tls, podvisor::streaming::spdy::Role::Client, SessionConfig::default());
+    let s = open_streams(&session, OUT_ERR);
+    let (out, _, status) = tokio::join!(
+        read_all(s.stdout.unwrap()),
+        read_all(s.stderr.unwrap()),
+        read_all(s.error)
+    );
+    assert_eq!(out, b"over tls\n");
+    assert_eq!(exit_code_of(&status), 4);
 }

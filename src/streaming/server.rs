@@ -44,6 +44,8 @@ pub struct ServerConfig {
     pub stream_creation_timeout: Duration,
     /// SPDY session tuning.
     pub spdy: SessionConfig,
+    /// Serve HTTPS with this certificate (the URLs then start with `https://`).
+    pub tls: Option<Arc<tokio_rustls::rustls::ServerConfig>>,
 }
 
 impl ServerConfig {
@@ -56,8 +58,36 @@ impl ServerConfig {
             max_pending: 1000,
             stream_creation_timeout: Duration::from_secs(30),
             spdy: SessionConfig::default(),
+            tls: None,
         }
     }
+}
+
+/// A TLS server configuration from PEM files: the certificate chain and its private key.
+pub fn tls_config(
+    cert: &std::path::Path,
+    key: &std::path::Path,
+) -> std::io::Result<tokio_rustls::rustls::ServerConfig> {
+    use tokio_rustls::rustls;
+    use tokio_rustls::rustls::pki_types::pem::PemObject;
+    use tokio_rustls::rustls::pki_types::{CertificateDer, PrivateKeyDer};
+    let invalid = |what: &str, e: &dyn std::fmt::Display| {
+        std::io::Error::new(std::io::ErrorKind::InvalidData, format!("{what}: {e}"))
+    };
+    let chain = CertificateDer::pem_file_iter(cert)
+        .map_err(|e| invalid(&cert.display().to_string(), &e))?
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| invalid(&cert.display().to_string(), &e))?;
+    if chain.is_empty() {
+        return Err(invalid(&cert.display().to_string(), &"no certificate in the file"));
+    }
+    let key = PrivateKeyDer::from_pem_file(key).map_err(|e| invalid(&key.display().to_string(), &e))?;
+    rustls::ServerConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+        .with_safe_default_protocol_versions()
+        .map_err(|e| invalid("TLS versions", &e))?
+        .with_no_client_auth()
+        .with_single_cert(chain, key)
+        .map_err(|e| invalid("certificate and key", &e))
 }
 
 #[derive(Debug, Clone)]
@@ -119,7 +149,8 @@ impl StreamingServer {
                         IpAddr::V6(_) => IpAddr::V6(Ipv6Addr::LOCALHOST),
                     });
                 }
-                format!("http://{advertised}")
+                let scheme = if config.tls.is_some() { "https" } else { "http" };
+                format!("{scheme}://{advertised}")
             }
         };
         let inner = Arc::new(Inner {
@@ -507,6 +538,20 @@ async fn accept_loop(inner: Arc<Inner>, listener: TcpListener, stop: Cancellatio
 
 async fn serve_connection(inner: Arc<Inner>, tcp: TcpStream) {
     let _ = tcp.set_nodelay(true);
+    match inner.config.tls.clone() {
+        Some(tls) => match tokio_rustls::TlsAcceptor::from(tls).accept(tcp).await {
+            Ok(stream) => serve_http(inner, stream).await,
+            Err(e) => tracing::debug!(error = %e, "streaming TLS handshake failed"),
+        },
+        None => serve_http(inner, tcp).await,
+    }
+}
+
+async fn serve_http<S>(inner: Arc<Inner>, stream: S)
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let tcp = stream;
     let service = service_fn(move |req| {
         let inner = inner.clone();
         async move { Ok::<_, Infallible>(inner.handle(req)) }
