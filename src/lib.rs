@@ -4,6 +4,7 @@
 pub mod backend;
 pub mod cgroups;
 pub mod cli;
+pub mod cluster;
 pub mod config;
 pub mod cri;
 pub mod daemon;

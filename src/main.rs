@@ -48,6 +48,48 @@ enum Command {
         #[arg(long, default_value = DEFAULT_ENDPOINT, env = "PODVISOR_ENDPOINT")]
         endpoint: String,
     },
+    /// Start a one-node mini-cluster (API server, scheduler, controllers, node
+    /// agent and, unless --runtime-endpoint is given, the CRI daemon) and write
+    /// a kubeconfig for kubectl.
+    Up {
+        /// Cluster state: the object store, certificates, token and log.
+        #[arg(long, default_value = podvisor::cluster::up::DEFAULT_DATA_DIR)]
+        data_dir: PathBuf,
+        /// Where to write the kubeconfig [default: ~/.kube/podvisor.yaml].
+        #[arg(long)]
+        kubeconfig: Option<PathBuf>,
+        /// The API server's address.
+        #[arg(long, default_value = podvisor::cluster::up::DEFAULT_API_ADDRESS)]
+        api_address: std::net::SocketAddr,
+        /// Use this CRI runtime (e.g. unix:///run/containerd/containerd.sock)
+        /// instead of starting podvisor's own daemon.
+        #[arg(long)]
+        runtime_endpoint: Option<String>,
+        /// The node's name [default: the host name].
+        #[arg(long)]
+        node_name: Option<String>,
+        /// Socket for the in-process CRI daemon.
+        #[arg(long, default_value = DEFAULT_ENDPOINT)]
+        listen: String,
+        #[arg(long, default_value = DEFAULT_ROOT)]
+        root: PathBuf,
+        #[arg(long, default_value = DEFAULT_STATE)]
+        state: PathBuf,
+        /// Config file of the in-process CRI daemon.
+        #[arg(long)]
+        config: Option<PathBuf>,
+        /// Stay in the foreground instead of returning once the cluster is up.
+        #[arg(long)]
+        foreground: bool,
+    },
+    /// Stop the cluster `up` started and remove the pods it ran (objects stay).
+    Down {
+        #[arg(long, default_value = podvisor::cluster::up::DEFAULT_DATA_DIR)]
+        data_dir: PathBuf,
+        /// Seconds to wait for the pods to stop.
+        #[arg(long, default_value_t = 120)]
+        timeout: u64,
+    },
     /// Internal: the per-container monitor the daemon starts.
     #[command(hide = true)]
     Monitor { bundle: PathBuf },
@@ -83,19 +125,72 @@ fn main() -> std::process::ExitCode {
     }
     let cli = Cli::parse();
     match &cli.command {
+        Command::Up { foreground: false, .. } => return exit_with(up_detached(&cli, &args)),
+        Command::Down { data_dir, timeout } => {
+            return exit_with(podvisor::cluster::up::down(
+                data_dir,
+                std::time::Duration::from_secs(*timeout),
+            ));
+        }
         Command::Monitor { bundle } => podvisor::backend::linux::monitor::run(bundle),
         Command::ExecHelper { config } => podvisor::backend::linux::exec::run(config),
         Command::PodInit => podvisor::backend::linux::sandbox::pod_init_main(),
         Command::UsernsHolder { kinds } => podvisor::backend::linux::sandbox::userns_holder_main(kinds),
         _ => {}
     }
-    match run(cli) {
+    exit_with(run(cli))
+}
+
+fn exit_with(result: anyhow::Result<()>) -> std::process::ExitCode {
+    match result {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(err) => {
             eprintln!("error: {err:#}");
             std::process::ExitCode::FAILURE
         }
     }
+}
+
+fn up_options(command: &Command) -> Option<podvisor::cluster::up::UpOptions> {
+    let Command::Up {
+        data_dir,
+        kubeconfig,
+        api_address,
+        runtime_endpoint,
+        node_name,
+        listen,
+        root,
+        state,
+        config,
+        ..
+    } = command
+    else {
+        return None;
+    };
+    Some(podvisor::cluster::up::UpOptions {
+        data_dir: data_dir.clone(),
+        kubeconfig: kubeconfig
+            .clone()
+            .unwrap_or_else(podvisor::cluster::up::default_kubeconfig),
+        api_address: *api_address,
+        runtime_endpoint: runtime_endpoint.clone(),
+        daemon: DaemonOptions {
+            listen: listen.clone(),
+            root: root.clone(),
+            state: state.clone(),
+            config_explicit: config.is_some(),
+            config_path: config.clone().unwrap_or_else(|| PathBuf::from(DEFAULT_CONFIG_PATH)),
+        },
+        node_name: node_name.clone().unwrap_or_else(podvisor::cluster::up::node_name),
+    })
+}
+
+/// Re-runs this command line with `--foreground` in the background.
+fn up_detached(cli: &Cli, args: &[std::ffi::OsString]) -> anyhow::Result<()> {
+    let options = up_options(&cli.command).expect("an up command");
+    let mut foreground: Vec<std::ffi::OsString> = args[1..].to_vec();
+    foreground.push("--foreground".into());
+    podvisor::cluster::up::run_detached(&options, foreground)
 }
 
 fn run(cli: Cli) -> anyhow::Result<()> {
@@ -125,6 +220,11 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                     .await
                     .map_err(|err| anyhow::anyhow!(podvisor::error_chain(&err)))
             }
+            command @ Command::Up { .. } => {
+                let options = up_options(&command).expect("an up command");
+                podvisor::cluster::up::run_foreground(options, shutdown_signal()).await
+            }
+            Command::Down { .. } => unreachable!("handled before the runtime starts"),
             Command::Pull { image, creds, endpoint } => podvisor::cli::pull(&endpoint, &image, creds.as_deref())
                 .await
                 .map_err(|err| anyhow::anyhow!(podvisor::error_chain(&err))),

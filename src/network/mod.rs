@@ -39,6 +39,7 @@ pub enum NetworkError {
 /// How a sandbox is attached, as stored with it.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "kind", rename_all = "lowercase")]
+#[allow(clippy::large_enum_variant)] // one per sandbox record
 pub enum NetworkAttachment {
     Cni {
         /// The network configuration list used (DEL runs with the same one).

@@ -215,32 +215,7 @@ pub fn list_dir(dir: &Path) -> Vec<String> {
 impl Daemon {
     /// Removes every sandbox through the CRI, as a kubelet would on its way out.
     fn remove_all_sandboxes(&self) {
-        let endpoint = self.endpoint();
-        let cleanup = std::thread::spawn(move || {
-            let Ok(runtime) = tokio::runtime::Builder::new_current_thread().enable_all().build() else {
-                return;
-            };
-            runtime.block_on(async move {
-                let Ok(channel) = podvisor::cri::socket::connect(&endpoint).await else {
-                    return;
-                };
-                let mut client = RuntimeServiceClient::new(channel);
-                let Ok(pods) = client
-                    .list_pod_sandbox(podvisor::cri::proto::runtime::ListPodSandboxRequest { filter: None })
-                    .await
-                else {
-                    return;
-                };
-                for pod in pods.into_inner().items {
-                    let _ = client
-                        .remove_pod_sandbox(podvisor::cri::proto::runtime::RemovePodSandboxRequest {
-                            pod_sandbox_id: pod.id,
-                        })
-                        .await;
-                }
-            });
-        });
-        let _ = cleanup.join();
+        remove_all_sandboxes(self.endpoint());
     }
 
     /// Last resort for what a failed test left: monitors and mounts under our directory.
@@ -282,4 +257,33 @@ pub fn remove_test_network(bridge: &str, nat: &str) {
     quiet("ip", &["link", "del", bridge]);
     quiet("nft", &["delete", "table", "ip", nat]);
     quiet("nft", &["delete", "table", "ip6", nat]);
+}
+
+/// Removes every pod sandbox a daemon at `endpoint` has (best effort, for cleanup).
+pub fn remove_all_sandboxes(endpoint: String) {
+    let cleanup = std::thread::spawn(move || {
+        let Ok(runtime) = tokio::runtime::Builder::new_current_thread().enable_all().build() else {
+            return;
+        };
+        runtime.block_on(async move {
+            let Ok(channel) = podvisor::cri::socket::connect(&endpoint).await else {
+                return;
+            };
+            let mut client = RuntimeServiceClient::new(channel);
+            let Ok(pods) = client
+                .list_pod_sandbox(podvisor::cri::proto::runtime::ListPodSandboxRequest { filter: None })
+                .await
+            else {
+                return;
+            };
+            for pod in pods.into_inner().items {
+                let _ = client
+                    .remove_pod_sandbox(podvisor::cri::proto::runtime::RemovePodSandboxRequest {
+                        pod_sandbox_id: pod.id,
+                    })
+                    .await;
+            }
+        });
+    });
+    let _ = cleanup.join();
 }

@@ -2,6 +2,7 @@
 //! test images, a pushing client and a fault-injecting reverse proxy.
 #![allow(dead_code)] // reason: shared by several test binaries, each uses a subset
 
+pub mod cluster;
 pub mod cri;
 pub mod daemon;
 pub mod oci;

@@ -1,0 +1,268 @@
+//! The resource types this server knows: names, scope, verbs and subresources for discovery and routing.
+
+use k8s_openapi::api::{coordination, core, events, node};
+use serde::{Serialize, de::DeserializeOwned};
+use serde_json::Value;
+
+pub const ALL_VERBS: &[&str] = &[
+    "create",
+    "delete",
+    "deletecollection",
+    "get",
+    "list",
+    "patch",
+    "update",
+    "watch",
+];
+const NS_VERBS: &[&str] = &["create", "delete", "get", "list", "patch", "update", "watch"];
+const STATUS_VERBS: &[&str] = &["get", "patch", "update"];
+
+#[derive(Debug)]
+pub struct Sub {
+    pub name: &'static str,
+    /// Response kind as (group, version, kind).
+    pub kind: (&'static str, &'static str, &'static str),
+    pub verbs: &'static [&'static str],
+}
+
+/// A typed round trip through k8s-openapi: checks types and drops unknown fields.
+pub type Codec = fn(Value) -> Result<Value, String>;
+
+#[derive(Debug)]
+pub struct ResourceInfo {
+    pub group: &'static str,
+    pub version: &'static str,
+    pub resource: &'static str,
+    pub singular: &'static str,
+    pub kind: &'static str,
+    pub namespaced: bool,
+    pub short_names: &'static [&'static str],
+    pub categories: &'static [&'static str],
+    pub verbs: &'static [&'static str],
+    pub subresources: &'static [Sub],
+    pub codec: Codec,
+}
+
+impl ResourceInfo {
+    pub fn api_version(&self) -> String {
+        if self.group.is_empty() {
+            self.version.to_string()
+        } else {
+            format!("{}/{}", self.group, self.version)
+        }
+    }
+    pub fn has_status(&self) -> bool {
+        self.subresources.iter().any(|s| s.name == "status")
+    }
+    pub fn sub(&self, name: &str) -> Option<&Sub> {
+        self.subresources.iter().find(|s| s.name == name)
+    }
+    /// `pods` or `leases.coordination.k8s.io`, as Kubernetes names resources in messages.
+    pub fn qualified(&self) -> String {
+        if self.group.is_empty() {
+            self.resource.to_string()
+        } else {
+            format!("{}.{}", self.resource, self.group)
+        }
+    }
+}
+
+fn codec<T: DeserializeOwned + Serialize>(v: Value) -> Result<Value, String> {
+    let typed: T = serde_json::from_value(v).map_err(|e| e.to_string())?;
+    serde_json::to_value(typed).map_err(|e| e.to_string())
+}
+
+const STATUS: Sub = Sub {
+    name: "status",
+    kind: ("", "", ""),
+    verbs: STATUS_VERBS,
+};
+
+pub static RESOURCES: &[ResourceInfo] = &[
+    ResourceInfo {
+        group: "",
+        version: "v1",
+        resource: "namespaces",
+        singular: "namespace",
+        kind: "Namespace",
+        namespaced: false,
+        short_names: &["ns"],
+        categories: &[],
+        verbs: NS_VERBS,
+        subresources: &[
+            STATUS,
+            Sub {
+                name: "finalize",
+                kind: ("", "v1", "Namespace"),
+                verbs: &["update"],
+            },
+        ],
+        codec: codec::<core::v1::Namespace>,
+    },
+    ResourceInfo {
+        group: "",
+        version: "v1",
+        resource: "nodes",
+        singular: "node",
+        kind: "Node",
+        namespaced: false,
+        short_names: &["no"],
+        categories: &[],
+        verbs: ALL_VERBS,
+        subresources: &[STATUS],
+        codec: codec::<core::v1::Node>,
+    },
+    ResourceInfo {
+        group: "",
+        version: "v1",
+        resource: "pods",
+        singular: "pod",
+        kind: "Pod",
+        namespaced: true,
+        short_names: &["po"],
+        categories: &["all"],
+        verbs: ALL_VERBS,
+        subresources: &[
+            STATUS,
+            Sub {
+                name: "binding",
+                kind: ("", "v1", "Binding"),
+                verbs: &["create"],
+            },
+            Sub {
+                name: "log",
+                kind: ("", "v1", "Pod"),
+                verbs: &["get"],
+            },
+            Sub {
+                name: "exec",
+                kind: ("", "v1", "PodExecOptions"),
+                verbs: &["create", "get"],
+            },
+            Sub {
+                name: "attach",
+                kind: ("", "v1", "PodAttachOptions"),
+                verbs: &["create", "get"],
+            },
+            Sub {
+                name: "portforward",
+                kind: ("", "v1", "PodPortForwardOptions"),
+                verbs: &["create", "get"],
+            },
+            Sub {
+                name: "eviction",
+                kind: ("policy", "v1", "Eviction"),
+                verbs: &["create"],
+            },
+        ],
+        codec: codec::<core::v1::Pod>,
+    },
+    ResourceInfo {
+        group: "",
+        version: "v1",
+        resource: "configmaps",
+        singular: "configmap",
+        kind: "ConfigMap",
+        namespaced: true,
+        short_names: &["cm"],
+        categories: &[],
+        verbs: ALL_VERBS,
+        subresources: &[],
+        codec: codec::<core::v1::ConfigMap>,
+    },
+    ResourceInfo {
+        group: "",
+        version: "v1",
+        resource: "secrets",
+        singular: "secret",
+        kind: "Secret",
+        namespaced: true,
+        short_names: &[],
+        categories: &[],
+        verbs: ALL_VERBS,
+        subresources: &[],
+        codec: codec::<core::v1::Secret>,
+    },
+    ResourceInfo {
+        group: "",
+        version: "v1",
+        resource: "services",
+        singular: "service",
+        kind: "Service",
+        namespaced: true,
+        short_names: &["svc"],
+        categories: &["all"],
+        verbs: ALL_VERBS,
+        subresources: &[STATUS],
+        codec: codec::<core::v1::Service>,
+    },
+    ResourceInfo {
+        group: "",
+        version: "v1",
+        resource: "events",
+        singular: "event",
+        kind: "Event",
+        namespaced: true,
+        short_names: &["ev"],
+        categories: &[],
+        verbs: ALL_VERBS,
+        subresources: &[],
+        codec: codec::<core::v1::Event>,
+    },
+    ResourceInfo {
+        group: "events.k8s.io",
+        version: "v1",
+        resource: "events",
+        singular: "event",
+        kind: "Event",
+        namespaced: true,
+        short_names: &["ev"],
+        categories: &[],
+        verbs: ALL_VERBS,
+        subresources: &[],
+        codec: codec::<events::v1::Event>,
+    },
+    ResourceInfo {
+        group: "coordination.k8s.io",
+        version: "v1",
+        resource: "leases",
+        singular: "lease",
+        kind: "Lease",
+        namespaced: true,
+        short_names: &[],
+        categories: &[],
+        verbs: ALL_VERBS,
+        subresources: &[],
+        codec: codec::<coordination::v1::Lease>,
+    },
+    ResourceInfo {
+        group: "node.k8s.io",
+        version: "v1",
+        resource: "runtimeclasses",
+        singular: "runtimeclass",
+        kind: "RuntimeClass",
+        namespaced: false,
+        short_names: &[],
+        categories: &[],
+        verbs: ALL_VERBS,
+        subresources: &[],
+        codec: codec::<node::v1::RuntimeClass>,
+    },
+];
+
+pub fn lookup(group: &str, version: &str, resource: &str) -> Option<&'static ResourceInfo> {
+    RESOURCES
+        .iter()
+        .find(|r| r.group == group && r.version == version && r.resource == resource)
+}
+
+/// Group-versions served, in discovery order: (group, version).
+pub fn group_versions() -> Vec<(&'static str, &'static str)> {
+    let mut out: Vec<(&str, &str)> = Vec::new();
+    for r in RESOURCES {
+        if !out.contains(&(r.group, r.version)) {
+            out.push((r.group, r.version));
+        }
+    }
+    out
+}

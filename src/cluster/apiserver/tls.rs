@@ -1,0 +1,115 @@
+//! Cluster CA, serving certificate and bearer token: generated at first start, reused afterwards.
+
+use std::path::Path;
+use std::sync::Arc;
+
+use anyhow::Context;
+use rcgen::{
+    BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair, KeyUsagePurpose,
+};
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+
+pub struct Credentials {
+    pub ca_pem: String,
+    pub cert_pem: String,
+    pub key_pem: String,
+    pub token: String,
+}
+
+fn write_private(path: &Path, data: &str) -> anyhow::Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let tmp = path.with_extension("tmp");
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(&tmp)?;
+    f.write_all(data.as_bytes())?;
+    f.sync_all()?;
+    std::fs::rename(&tmp, path)?;
+    Ok(())
+}
+
+fn generate() -> anyhow::Result<(String, String, String)> {
+    let ca_key = KeyPair::generate()?;
+    let mut ca = CertificateParams::new(Vec::<String>::new())?;
+    ca.distinguished_name.push(DnType::CommonName, "podvisor-ca");
+    ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    ca.key_usages = vec![
+        KeyUsagePurpose::KeyCertSign,
+        KeyUsagePurpose::CrlSign,
+        KeyUsagePurpose::DigitalSignature,
+    ];
+    ca.not_after = rcgen::date_time_ymd(2036, 1, 1);
+    let ca_cert = ca.self_signed(&ca_key)?;
+    let issuer = Issuer::new(ca, ca_key);
+
+    let key = KeyPair::generate()?;
+    let mut srv = CertificateParams::new(vec![
+        "localhost".to_string(),
+        "127.0.0.1".to_string(),
+        "kubernetes".to_string(),
+    ])?;
+    srv.distinguished_name.push(DnType::CommonName, "podvisor-apiserver");
+    srv.key_usages = vec![KeyUsagePurpose::DigitalSignature, KeyUsagePurpose::KeyEncipherment];
+    srv.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
+    srv.not_after = rcgen::date_time_ymd(2036, 1, 1);
+    let cert = srv.signed_by(&key, &issuer)?;
+    Ok((ca_cert.pem(), cert.pem(), key.serialize_pem()))
+}
+
+/// Loads `ca.crt`, `apiserver.crt`, `apiserver.key` and `token` from `dir`, creating them if missing.
+pub fn load_or_create(dir: &Path) -> anyhow::Result<Credentials> {
+    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    let (ca, crt, key, tok) = (
+        dir.join("ca.crt"),
+        dir.join("apiserver.crt"),
+        dir.join("apiserver.key"),
+        dir.join("token"),
+    );
+    if !(ca.exists() && crt.exists() && key.exists()) {
+        let (ca_pem, cert_pem, key_pem) = generate()?;
+        write_private(&key, &key_pem)?;
+        write_private(&crt, &cert_pem)?;
+        write_private(&ca, &ca_pem)?;
+    }
+    if !tok.exists() {
+        let bytes: [u8; 24] = rand::random();
+        write_private(&tok, &bytes.iter().map(|b| format!("{b:02x}")).collect::<String>())?;
+    }
+    Ok(Credentials {
+        ca_pem: std::fs::read_to_string(&ca)?,
+        cert_pem: std::fs::read_to_string(&crt)?,
+        key_pem: std::fs::read_to_string(&key)?,
+        token: std::fs::read_to_string(&tok)?.trim().to_string(),
+    })
+}
+
+pub fn server_config(c: &Credentials) -> anyhow::Result<Arc<rustls::ServerConfig>> {
+    let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_slice_iter(c.cert_pem.as_bytes())
+        .collect::<Result<_, _>>()
+        .context("serving cert")?;
+    let key = PrivateKeyDer::from_pem_slice(c.key_pem.as_bytes()).context("serving key")?;
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut cfg = rustls::ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()?
+        .with_no_client_auth()
+        .with_single_cert(certs, key)?;
+    cfg.alpn_protocols = vec![b"http/1.1".to_vec()];
+    Ok(Arc::new(cfg))
+}
+
+/// A kubeconfig (YAML) for this server: cluster with CA data, token user, context with namespace default.
+pub fn kubeconfig(server: &str, ca_pem: &str, token: &str) -> String {
+    use base64::Engine;
+    let ca = base64::engine::general_purpose::STANDARD.encode(ca_pem);
+    format!(
+        "apiVersion: v1\nkind: Config\nclusters:\n- name: podvisor\n  cluster:\n    server: {server}\n    \
+         certificate-authority-data: {ca}\nusers:\n- name: podvisor\n  user:\n    token: {token}\ncontexts:\n- name: \
+         podvisor\n  context:\n    cluster: podvisor\n    user: podvisor\n    namespace: default\n\
+         current-context: podvisor\npreferences: {{}}\n"
+    )
+}

@@ -1,0 +1,9 @@
+//! The mini-cluster behind `podvisor up`: a Kubernetes-compatible API server
+//! over a durable object store, plus the scheduler, controllers and node agent
+//! that drive pods through CRI.
+
+pub mod apiserver;
+pub mod client;
+pub mod informer;
+pub mod store;
+pub mod up;

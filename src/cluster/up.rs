@@ -1,0 +1,277 @@
+//! `podvisor up` / `podvisor down`: the whole mini-cluster in one process —
+//! the CRI daemon (unless another runtime's socket is given), the API server
+//! over its durable store, the scheduler, the controllers and the node agent.
+//!
+//! `up` starts that process in the background and returns once the cluster
+//! answers; `up --foreground` is the process itself. `down` asks it to stop and
+//! to remove the pods it ran.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+
+use crate::cluster::apiserver::{ApiServer, Config as ApiConfig};
+use crate::cluster::client::Client;
+use crate::daemon::DaemonOptions;
+
+pub const DEFAULT_DATA_DIR: &str = "/var/lib/podvisor/cluster";
+pub const DEFAULT_API_ADDRESS: &str = "127.0.0.1:6443";
+/// Written by the cluster process once it serves; removed when it stops.
+const READY_FILE: &str = "ready";
+const PID_FILE: &str = "up.pid";
+/// Present when `down` asked for the pods to be removed too.
+const DOWN_FILE: &str = "down-requested";
+const LOG_FILE: &str = "up.log";
+
+#[derive(Clone, Debug)]
+pub struct UpOptions {
+    /// Store, certificates, token, pid and log.
+    pub data_dir: PathBuf,
+    pub kubeconfig: PathBuf,
+    pub api_address: SocketAddr,
+    /// Another CRI runtime's socket; None runs podvisor's own daemon in-process.
+    pub runtime_endpoint: Option<String>,
+    /// For the in-process CRI daemon.
+    pub daemon: DaemonOptions,
+    pub node_name: String,
+}
+
+impl UpOptions {
+    pub fn endpoint(&self) -> String {
+        self.runtime_endpoint
+            .clone()
+            .unwrap_or_else(|| self.daemon.listen.clone())
+    }
+}
+
+/// `~/.kube/podvisor.yaml`.
+pub fn default_kubeconfig() -> PathBuf {
+    let home = std::env::var_os("HOME")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from("/root"));
+    home.join(".kube").join("podvisor.yaml")
+}
+
+pub fn node_name() -> String {
+    nix::unistd::gethostname()
+        .ok()
+        .and_then(|h| h.into_string().ok())
+        .map(|h| h.to_lowercase())
+        .filter(|h| !h.is_empty())
+        .unwrap_or_else(|| "podvisor".into())
+}
+
+/// The components running next to the API server. Each is a task that lives
+/// until the cluster stops.
+pub struct Components {
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+}
+
+impl Components {
+    fn start(_client: &Client, _options: &UpOptions) -> Self {
+        Components { tasks: Vec::new() }
+    }
+
+    /// Removes every pod the node agent ran (for `down`).
+    async fn remove_pods(&self) {}
+
+    fn stop(self) {
+        for task in self.tasks {
+            task.abort();
+        }
+    }
+}
+
+/// Runs the cluster in this process until `shutdown`.
+pub async fn run_foreground(options: UpOptions, shutdown: impl Future<Output = ()> + Send) -> anyhow::Result<()> {
+    let started = Instant::now();
+    crate::sys::fs::ensure_dir(&options.data_dir, 0o700)
+        .with_context(|| format!("creating {}", options.data_dir.display()))?;
+    let _ = std::fs::remove_file(options.data_dir.join(DOWN_FILE));
+    std::fs::write(options.data_dir.join(PID_FILE), std::process::id().to_string())?;
+
+    let (stop_daemon, daemon_stopped) = tokio::sync::oneshot::channel::<()>();
+    let daemon = match &options.runtime_endpoint {
+        Some(_) => None,
+        None => {
+            let daemon_options = options.daemon.clone();
+            Some(tokio::spawn(async move {
+                crate::daemon::run(daemon_options, async {
+                    let _ = daemon_stopped.await;
+                })
+                .await
+            }))
+        }
+    };
+    if let Some(task) = &daemon {
+        wait_for_socket(&options.endpoint(), task).await?;
+    }
+
+    let mut api_config = ApiConfig::new(options.data_dir.join("apiserver"));
+    api_config.addr = options.api_address;
+    let api = ApiServer::start(api_config)
+        .await
+        .with_context(|| format!("starting the API server on {}", options.api_address))?;
+    write_kubeconfig(&options.kubeconfig, &api.kubeconfig())?;
+    let client = Client::new(&api.url, &api.ca_pem, &api.token)?;
+    let components = Components::start(&client, &options);
+    std::fs::write(options.data_dir.join(READY_FILE), api.url.as_bytes())?;
+    tracing::info!(
+        api = %api.url,
+        kubeconfig = %options.kubeconfig.display(),
+        runtime = %options.endpoint(),
+        node = %options.node_name,
+        ms = started.elapsed().as_millis() as u64,
+        "podvisor cluster up"
+    );
+
+    shutdown.await;
+    let _ = std::fs::remove_file(options.data_dir.join(READY_FILE));
+    if options.data_dir.join(DOWN_FILE).exists() {
+        components.remove_pods().await;
+    }
+    components.stop();
+    api.stop();
+    if let Some(task) = daemon {
+        let _ = stop_daemon.send(());
+        task.await
+            .context("the CRI daemon task")?
+            .map_err(|err| anyhow::anyhow!(crate::error_chain(&err)))?;
+    }
+    let _ = std::fs::remove_file(options.data_dir.join(PID_FILE));
+    let _ = std::fs::remove_file(options.data_dir.join(DOWN_FILE));
+    Ok(())
+}
+
+async fn wait_for_socket(
+    endpoint: &str,
+    daemon: &tokio::task::JoinHandle<Result<(), crate::daemon::DaemonError>>,
+) -> anyhow::Result<()> {
+    let socket = crate::cri::socket::socket_path(endpoint);
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !socket.exists() {
+        if daemon.is_finished() {
+            anyhow::bail!("the CRI daemon stopped while starting (see the log above)");
+        }
+        anyhow::ensure!(Instant::now() < deadline, "the CRI daemon did not start in 60 s");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    Ok(())
+}
+
+fn write_kubeconfig(path: &Path, text: &str) -> anyhow::Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    if let Some(parent) = path.parent() {
+        std::fs::create_dir_all(parent).with_context(|| format!("creating {}", parent.display()))?;
+    }
+    let tmp = path.with_extension("tmp");
+    let mut file = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(&tmp)
+        .with_context(|| format!("writing {}", tmp.display()))?;
+    file.write_all(text.as_bytes())?;
+    std::fs::rename(&tmp, path).with_context(|| format!("writing {}", path.display()))?;
+    Ok(())
+}
+
+/// `podvisor up` without `--foreground`: starts the cluster process in its own
+/// session, logging to `up.log`, and returns once it serves.
+pub fn run_detached(options: &UpOptions, foreground_args: Vec<std::ffi::OsString>) -> anyhow::Result<()> {
+    use std::os::unix::process::CommandExt;
+    crate::sys::fs::ensure_dir(&options.data_dir, 0o700)
+        .with_context(|| format!("creating {}", options.data_dir.display()))?;
+    if let Some(pid) = running_pid(&options.data_dir) {
+        println!("podvisor cluster already running (pid {pid})");
+        print_usage(&options.kubeconfig);
+        return Ok(());
+    }
+    let started = Instant::now();
+    let ready = options.data_dir.join(READY_FILE);
+    let _ = std::fs::remove_file(&ready);
+    let log_path = options.data_dir.join(LOG_FILE);
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&log_path)
+        .with_context(|| format!("opening {}", log_path.display()))?;
+    let offset = log.metadata().map(|m| m.len()).unwrap_or(0);
+    let mut command = std::process::Command::new(std::env::current_exe()?);
+    command
+        .args(foreground_args)
+        .stdin(std::process::Stdio::null())
+        .stdout(log.try_clone()?)
+        .stderr(log);
+    // SAFETY: setsid is async-signal-safe; nothing else runs between fork and exec.
+    unsafe {
+        command.pre_exec(|| {
+            libc::setsid();
+            Ok(())
+        });
+    }
+    let mut child = command.spawn().context("starting the cluster process")?;
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while !ready.exists() {
+        if let Some(status) = child.try_wait()? {
+            let text = std::fs::read(&log_path).unwrap_or_default();
+            let tail = String::from_utf8_lossy(&text[(offset as usize).min(text.len())..]).into_owned();
+            anyhow::bail!("the cluster process exited ({status}):\n{}", tail.trim());
+        }
+        anyhow::ensure!(
+            Instant::now() < deadline,
+            "the cluster did not come up in 120 s; see {}",
+            log_path.display()
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    println!(
+        "podvisor cluster up in {} ms (pid {}, log {})",
+        started.elapsed().as_millis(),
+        child.id(),
+        log_path.display()
+    );
+    print_usage(&options.kubeconfig);
+    Ok(())
+}
+
+fn print_usage(kubeconfig: &Path) {
+    println!("export KUBECONFIG={}", kubeconfig.display());
+}
+
+/// The pid of a live cluster process of this data dir.
+fn running_pid(data_dir: &Path) -> Option<i32> {
+    let pid: i32 = std::fs::read_to_string(data_dir.join(PID_FILE))
+        .ok()?
+        .trim()
+        .parse()
+        .ok()?;
+    let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).ok()?;
+    let is_up = cmdline.split(|b| *b == 0).any(|arg| arg == b"up");
+    is_up.then_some(pid)
+}
+
+/// `podvisor down`: stops the cluster process of `data_dir`, which first removes
+/// the pods it ran. The store stays, so `up` brings the objects back.
+pub fn down(data_dir: &Path, timeout: Duration) -> anyhow::Result<()> {
+    let Some(pid) = running_pid(data_dir) else {
+        println!("no podvisor cluster running for {}", data_dir.display());
+        return Ok(());
+    };
+    std::fs::write(data_dir.join(DOWN_FILE), b"")?;
+    let pid = nix::unistd::Pid::from_raw(pid);
+    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM).context("signalling the cluster process")?;
+    let deadline = Instant::now() + timeout;
+    while nix::sys::signal::kill(pid, None).is_ok() && std::path::Path::new(&format!("/proc/{pid}")).exists() {
+        if Instant::now() >= deadline {
+            anyhow::bail!("the cluster process {pid} did not stop in {} s", timeout.as_secs());
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    println!("podvisor cluster stopped");
+    Ok(())
+}

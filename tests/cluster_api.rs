@@ -1,0 +1,190 @@
+//! The API server and store through the real `kubectl`, against `podvisor up`
+//! in a temporary directory.
+
+mod common;
+
+use common::cluster::Cluster;
+
+use std::io::{BufRead, BufReader};
+use std::process::Stdio;
+use std::sync::mpsc;
+use std::time::Duration;
+
+const POD: &str = "apiVersion: v1
+kind: Pod
+metadata:
+  name: web
+  labels: {app: web}
+spec:
+  containers:
+  - name: c
+    image: nginx:1.27
+    ports: [{containerPort: 80}]
+";
+
+#[test]
+fn discovery_and_namespaces() {
+    let c = Cluster::start();
+    assert!(c.ok(&["version"]).contains("Server Version: v1.32."));
+    let res = c.ok(&["api-resources"]);
+    for r in ["pods", "configmaps", "leases", "runtimeclasses", "events.k8s.io/v1"] {
+        assert!(res.contains(r), "{res}");
+    }
+    let ns = c.ok(&["get", "ns"]);
+    for n in ["default", "kube-system", "kube-public", "kube-node-lease"] {
+        assert!(ns.contains(n), "{ns}");
+    }
+    assert!(c.ok(&["create", "ns", "x"]).contains("namespace/x created"));
+    assert!(c.ok(&["get", "runtimeclass", "vm"]).contains("vm "));
+    assert!(c.fails(&["delete", "ns", "default"]).contains("may not be deleted"));
+}
+
+#[test]
+fn pod_lifecycle() {
+    let c = Cluster::start();
+    let f = c.file("pod.yaml", POD);
+    assert!(c.ok(&["apply", "-f", &f]).contains("pod/web created"));
+    assert!(c.ok(&["apply", "-f", &f]).contains("pod/web unchanged"));
+    let wide = c.ok(&["get", "pods", "-o", "wide"]);
+    assert!(
+        wide.contains("NOMINATED NODE") && wide.contains("READINESS GATES"),
+        "{wide}"
+    );
+    assert!(wide.lines().nth(1).unwrap().split_whitespace().collect::<Vec<_>>()[..4] == ["web", "0/1", "Pending", "0"]);
+    let yaml = c.ok(&["get", "pod", "web", "-o", "yaml"]);
+    assert!(yaml.contains("uid:") && yaml.contains("imagePullPolicy: IfNotPresent") && yaml.contains("phase: Pending"));
+    c.ok(&["label", "pod", "web", "tier=fe"]);
+    c.ok(&["annotate", "pod", "web", "note=hi"]);
+    let labels = c.ok(&["get", "pod", "web", "--show-labels"]);
+    assert!(labels.contains("app=web,tier=fe"), "{labels}");
+    let o = c
+        .cmd(&["edit", "pod", "web"])
+        .env("KUBE_EDITOR", "sed -i s/nginx:1.27/nginx:1.28/")
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert_eq!(
+        c.ok(&["get", "pod", "web", "-o", "jsonpath={.spec.containers[0].image}"]),
+        "nginx:1.28"
+    );
+    assert_eq!(
+        c.ok(&["get", "pod", "web", "-o", "jsonpath={.metadata.annotations.note}"]),
+        "hi"
+    );
+    // Server-side apply: create-or-update.
+    let g = c.file("g.yaml", &POD.replace("name: web\n", "name: ssa\n"));
+    assert!(
+        c.ok(&["apply", "--server-side", "-f", &g])
+            .contains("serverside-applied")
+    );
+    assert!(
+        c.ok(&["apply", "--server-side", "-f", &g])
+            .contains("serverside-applied")
+    );
+    // Unbound pods are deleted at once.
+    assert!(c.ok(&["delete", "pod", "web", "ssa"]).contains("deleted"));
+    assert!(c.ok(&["get", "pods"]).is_empty());
+}
+
+#[test]
+fn configmaps_secrets_and_namespace_cascade() {
+    let c = Cluster::start();
+    c.ok(&["create", "ns", "x"]);
+    c.ok(&[
+        "create",
+        "configmap",
+        "cfg",
+        "-n",
+        "x",
+        "--from-literal=a=1",
+        "--from-literal=b=2",
+    ]);
+    c.ok(&[
+        "create",
+        "secret",
+        "generic",
+        "s1",
+        "-n",
+        "x",
+        "--from-literal=p=secret",
+    ]);
+    c.ok(&["run", "p1", "-n", "x", "--image=busybox"]);
+    let out = c.ok(&["get", "cm,secret", "-n", "x"]);
+    assert!(out.contains("configmap/cfg   2"), "{out}");
+    assert!(out.contains("secret/s1   Opaque   1"), "{out}");
+    assert_eq!(
+        c.ok(&["get", "secret", "s1", "-n", "x", "-o", "jsonpath={.data.p}"]),
+        "c2VjcmV0"
+    );
+    c.ok(&["delete", "ns", "x"]);
+    assert!(c.fails(&["get", "ns", "x"]).contains("NotFound"));
+    assert!(c.fails(&["get", "cm", "cfg", "-n", "x"]).contains("NotFound"));
+    c.ok(&["create", "ns", "x"]);
+    assert!(c.ok(&["get", "all", "-n", "x"]).is_empty());
+}
+
+#[test]
+fn watch_sees_other_client() {
+    let c = Cluster::start();
+    let f = c.file("pod.yaml", POD);
+    c.ok(&["apply", "-f", &f]);
+    let mut w = c.cmd(&["get", "pods", "-w"]).stdout(Stdio::piped()).spawn().unwrap();
+    let (tx, rx) = mpsc::channel();
+    let stdout = w.stdout.take().unwrap();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            let _ = tx.send(line);
+        }
+    });
+    let next = || rx.recv_timeout(Duration::from_secs(10)).expect("watch output");
+    assert!(next().starts_with("NAME"));
+    assert!(next().starts_with("web "));
+    c.ok(&["run", "second", "--image=busybox"]);
+    assert!(next().starts_with("second "));
+    c.ok(&["delete", "pod", "second"]);
+    let _ = w.kill();
+    let _ = w.wait();
+}
+
+#[test]
+fn errors() {
+    let c = Cluster::start();
+    let bad = c.file(
+        "bad.yaml",
+        "apiVersion: v1\nkind: Pod\nmetadata: {name: Bad_Name}\nspec:\n  containers:\n  - name: c\n",
+    );
+    let e = c.fails(&["apply", "-f", &bad]);
+    assert!(
+        e.contains("is invalid")
+            && e.contains("metadata.name")
+            && e.contains("spec.containers[0].image: Required value"),
+        "{e}"
+    );
+    let unk = c.file(
+        "unk.yaml",
+        &POD.replace("image: nginx:1.27", "image: nginx:1.27\n    imagee: typo"),
+    );
+    let e = c.fails(&["apply", "-f", &unk, "--validate=strict"]);
+    assert!(e.contains("unknown field \"spec.containers[0].imagee\""), "{e}");
+    assert!(c.ok(&["get", "pods"]).is_empty());
+    let e = c.fails(&["get", "pods", "--token=wrong"]);
+    assert!(e.contains("Unauthorized"), "{e}");
+    assert!(
+        c.fails(&["get", "pod", "nope"])
+            .contains("(NotFound): pods \"nope\" not found")
+    );
+    let e = c.fails(&["logs", "nope-ish"]);
+    assert!(e.contains("NotFound"), "{e}");
+}
+
+#[test]
+fn survives_kill_9() {
+    let mut c = Cluster::start();
+    c.ok(&["create", "configmap", "keep", "--from-literal=k=v"]);
+    let ca_path = c.data_dir().join("apiserver/ca.crt");
+    let ca = std::fs::read(&ca_path).unwrap();
+    // SIGKILL: no shutdown path runs.
+    c.restart();
+    assert_eq!(std::fs::read(&ca_path).unwrap(), ca);
+    assert_eq!(c.ok(&["get", "cm", "keep", "-o", "jsonpath={.data.k}"]), "v");
+}

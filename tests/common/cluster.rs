@@ -1,0 +1,245 @@
+//! `podvisor up --foreground` in a temporary directory, driven by the real
+//! `kubectl`: its own data dir, CRI socket, root, state, API port and builtin
+//! network, all removed when the test ends (pass or fail).
+
+use std::path::PathBuf;
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use tempfile::TempDir;
+
+use super::daemon::{remove_all_sandboxes, remove_test_network, test_network_config};
+
+pub struct Cluster {
+    child: Option<Child>,
+    pub dir: TempDir,
+    pub url: String,
+    /// From spawning `podvisor up` to the API answering.
+    pub ready_in: Duration,
+    network: (String, String),
+    extra_args: Vec<String>,
+}
+
+impl Cluster {
+    pub fn start() -> Self {
+        Self::start_with(&[], "")
+    }
+
+    /// `args` go to `podvisor up`; `daemon_config` is added to the daemon's TOML config.
+    pub fn start_with(args: &[&str], daemon_config: &str) -> Self {
+        let dir = tempfile::Builder::new()
+            .prefix("podvisor-cluster-")
+            .tempdir()
+            .expect("tempdir");
+        let (network, bridge, nat) = test_network_config();
+        std::fs::write(dir.path().join("config.toml"), format!("{daemon_config}\n{network}")).unwrap();
+        let mut cluster = Cluster {
+            child: None,
+            dir,
+            url: String::new(),
+            ready_in: Duration::ZERO,
+            network: (bridge, nat),
+            extra_args: args.iter().map(|a| a.to_string()).collect(),
+        };
+        cluster.launch();
+        cluster
+    }
+
+    pub fn data_dir(&self) -> PathBuf {
+        self.dir.path().join("cluster")
+    }
+
+    pub fn endpoint(&self) -> String {
+        format!("unix://{}", self.dir.path().join("cri.sock").display())
+    }
+
+    pub fn kubeconfig(&self) -> PathBuf {
+        self.dir.path().join("kubeconfig")
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("up.log")).unwrap_or_default()
+    }
+
+    fn launch(&mut self) {
+        let started = Instant::now();
+        let ready = self.data_dir().join("ready");
+        let _ = std::fs::remove_file(&ready);
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.dir.path().join("up.log"))
+            .unwrap();
+        let path = |p: &str| self.dir.path().join(p);
+        let mut command = Command::new(env!("CARGO_BIN_EXE_podvisor"));
+        command
+            .arg("up")
+            .arg("--foreground")
+            .arg("--data-dir")
+            .arg(self.data_dir())
+            .arg("--kubeconfig")
+            .arg(self.kubeconfig())
+            .args(["--api-address", "127.0.0.1:0", "--listen", &self.endpoint()])
+            .arg("--root")
+            .arg(path("root"))
+            .arg("--state")
+            .arg(path("state"))
+            .arg("--config")
+            .arg(path("config.toml"))
+            .args(&self.extra_args)
+            .env(
+                "RUST_LOG",
+                std::env::var("PODVISOR_TEST_LOG").unwrap_or_else(|_| "podvisor=debug,info".into()),
+            )
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().unwrap())
+            .stderr(log);
+        let mut child = command.spawn().expect("spawn podvisor up");
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while !ready.exists() {
+            if let Ok(Some(status)) = child.try_wait() {
+                panic!("podvisor up exited ({status}):\n{}", self.log());
+            }
+            assert!(Instant::now() < deadline, "podvisor up not ready:\n{}", self.log());
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        self.ready_in = started.elapsed();
+        self.url = std::fs::read_to_string(&ready).unwrap();
+        self.child = Some(child);
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().expect("running").id()
+    }
+
+    /// `kill -9` of the cluster process (pods' monitors live on).
+    pub fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    pub fn restart(&mut self) {
+        self.kill();
+        self.launch();
+    }
+
+    pub fn cmd(&self, args: &[&str]) -> Command {
+        let mut command = Command::new("kubectl");
+        command
+            .arg("--kubeconfig")
+            .arg(self.kubeconfig())
+            .arg("--cache-dir")
+            .arg(self.dir.path().join("kubectl-cache"))
+            .args(args)
+            .stdin(Stdio::null());
+        command
+    }
+
+    pub fn kubectl(&self, args: &[&str]) -> Output {
+        self.cmd(args).output().expect("run kubectl")
+    }
+
+    /// Runs kubectl, asserts success, returns stdout.
+    pub fn ok(&self, args: &[&str]) -> String {
+        let out = self.kubectl(args);
+        assert!(
+            out.status.success(),
+            "kubectl {args:?} failed:\n{}\n{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    /// Runs kubectl, asserts failure, returns stderr.
+    pub fn fails(&self, args: &[&str]) -> String {
+        let out = self.kubectl(args);
+        assert!(!out.status.success(), "kubectl {args:?} unexpectedly succeeded");
+        String::from_utf8_lossy(&out.stderr).into_owned()
+    }
+
+    /// Writes `content` to a file in the test directory and returns its path.
+    pub fn file(&self, name: &str, content: &str) -> String {
+        let path = self.dir.path().join(name);
+        std::fs::write(&path, content).unwrap();
+        path.display().to_string()
+    }
+
+    /// Polls `kubectl args` until its output satisfies `cond`; returns that output.
+    pub fn wait_output(&self, args: &[&str], timeout: Duration, cond: impl Fn(&str) -> bool) -> String {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let out = self.kubectl(args);
+            let text = String::from_utf8_lossy(&out.stdout).into_owned();
+            if out.status.success() && cond(&text) {
+                return text;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "timed out waiting on kubectl {args:?}; last output:\n{text}\n{}\nlog tail:\n{}",
+                String::from_utf8_lossy(&out.stderr),
+                tail(&self.log(), 40)
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+}
+
+fn tail(text: &str, lines: usize) -> String {
+    let all: Vec<&str> = text.lines().collect();
+    all[all.len().saturating_sub(lines)..].join("\n")
+}
+
+impl Cluster {
+    /// Removes the pods the cluster ran: its in-process CRI daemon is gone, so a
+    /// short-lived `podvisor daemon` on the same directories does it.
+    fn remove_pods(&self) {
+        let path = |p: &str| self.dir.path().join(p);
+        let Ok(mut daemon) = Command::new(env!("CARGO_BIN_EXE_podvisor"))
+            .arg("daemon")
+            .args(["--listen", &self.endpoint()])
+            .arg("--root")
+            .arg(path("root"))
+            .arg("--state")
+            .arg(path("state"))
+            .arg("--config")
+            .arg(path("config.toml"))
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+        else {
+            return;
+        };
+        let socket = path("cri.sock");
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while !socket.exists() && Instant::now() < deadline && matches!(daemon.try_wait(), Ok(None)) {
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        remove_all_sandboxes(self.endpoint());
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(daemon.id() as i32),
+            nix::sys::signal::Signal::SIGTERM,
+        );
+        let _ = daemon.wait();
+    }
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        self.kill();
+        self.remove_pods();
+        let dir = self.dir.path().display().to_string();
+        for pid in super::cri::processes_mentioning(&format!("monitor {dir}")) {
+            let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGKILL);
+        }
+        let mut mounts = super::cri::mounts_under(self.dir.path());
+        mounts.sort_by_key(|m| std::cmp::Reverse(m.len()));
+        for mount in mounts {
+            let _ = nix::mount::umount2(mount.as_str(), nix::mount::MntFlags::MNT_DETACH);
+        }
+        remove_test_network(&self.network.0, &self.network.1);
+    }
+}
