@@ -4,6 +4,7 @@
 
 pub mod apiserver;
 pub mod client;
+pub mod events;
 pub mod informer;
 pub mod store;
 pub mod up;
