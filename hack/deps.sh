@@ -12,6 +12,7 @@ packages=(
   iptables            # built-in network: fallback NAT backend (tested too)
   containernetworking-plugins  # CNI: the reference plugins (bridge, host-local, portmap, ...)
   openssl             # tests: a certificate for the HTTPS streaming server
+  kubectl             # tests: the real client against podvisor up
 )
 
 missing=()
