@@ -78,6 +78,13 @@ enum Command {
         /// Config file of the in-process CRI daemon.
         #[arg(long)]
         config: Option<PathBuf>,
+        /// How the scheduler ranks nodes: spread pods over nodes (least
+        /// requested) or fill one node first (binpack, most requested).
+        #[arg(long, value_enum, default_value_t = podvisor::cluster::scheduler::Strategy::Spread)]
+        scheduler_strategy: podvisor::cluster::scheduler::Strategy,
+        /// A node whose lease goes unrenewed this long becomes unreachable (e.g. 40s, 500ms, 2m).
+        #[arg(long, default_value = "40s", value_parser = podvisor::cluster::up::parse_duration)]
+        node_monitor_grace_period: std::time::Duration,
         /// Stay in the foreground instead of returning once the cluster is up.
         #[arg(long)]
         foreground: bool,
@@ -162,6 +169,8 @@ fn up_options(command: &Command) -> Option<podvisor::cluster::up::UpOptions> {
         root,
         state,
         config,
+        scheduler_strategy,
+        node_monitor_grace_period,
         ..
     } = command
     else {
@@ -182,6 +191,11 @@ fn up_options(command: &Command) -> Option<podvisor::cluster::up::UpOptions> {
             config_path: config.clone().unwrap_or_else(|| PathBuf::from(DEFAULT_CONFIG_PATH)),
         },
         node_name: node_name.clone().unwrap_or_else(podvisor::cluster::up::node_name),
+        scheduler_strategy: *scheduler_strategy,
+        controllers: podvisor::cluster::controllers::Settings {
+            node_monitor_grace: *node_monitor_grace_period,
+            ..Default::default()
+        },
     })
 }
 

@@ -4,7 +4,9 @@
 
 pub mod apiserver;
 pub mod client;
+pub mod controllers;
 pub mod events;
 pub mod informer;
+pub mod scheduler;
 pub mod store;
 pub mod up;

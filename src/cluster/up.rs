@@ -36,6 +36,9 @@ pub struct UpOptions {
     /// For the in-process CRI daemon.
     pub daemon: DaemonOptions,
     pub node_name: String,
+    /// How the scheduler ranks nodes.
+    pub scheduler_strategy: crate::cluster::scheduler::Strategy,
+    pub controllers: crate::cluster::controllers::Settings,
 }
 
 impl UpOptions {
@@ -43,6 +46,22 @@ impl UpOptions {
         self.runtime_endpoint
             .clone()
             .unwrap_or_else(|| self.daemon.listen.clone())
+    }
+}
+
+/// A duration as Kubernetes flags write it: `40s`, `500ms`, `2m`, `1h` (a bare number is seconds).
+pub fn parse_duration(text: &str) -> Result<Duration, String> {
+    let split = text.find(|c: char| !c.is_ascii_digit()).unwrap_or(text.len());
+    let (number, unit) = text.split_at(split);
+    let number: u64 = number
+        .parse()
+        .map_err(|_| format!("{text:?} is not a duration like 40s"))?;
+    match unit {
+        "ms" => Ok(Duration::from_millis(number)),
+        "" | "s" => Ok(Duration::from_secs(number)),
+        "m" => Ok(Duration::from_secs(number * 60)),
+        "h" => Ok(Duration::from_secs(number * 3600)),
+        _ => Err(format!("{text:?}: unknown unit {unit:?} (use ms, s, m or h)")),
     }
 }
 
@@ -70,8 +89,13 @@ pub struct Components {
 }
 
 impl Components {
-    fn start(_client: &Client, _options: &UpOptions) -> Self {
-        Components { tasks: Vec::new() }
+    fn start(client: &Client, options: &UpOptions) -> Self {
+        let mut tasks = vec![crate::cluster::scheduler::spawn(
+            client.clone(),
+            options.scheduler_strategy,
+        )];
+        tasks.extend(crate::cluster::controllers::spawn_all(client, &options.controllers));
+        Components { tasks }
     }
 
     /// Removes every pod the node agent ran (for `down`).
@@ -274,4 +298,19 @@ pub fn down(data_dir: &Path, timeout: Duration) -> anyhow::Result<()> {
     }
     println!("podvisor cluster stopped");
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations_as_flags_write_them() {
+        assert_eq!(parse_duration("40s"), Ok(Duration::from_secs(40)));
+        assert_eq!(parse_duration("40"), Ok(Duration::from_secs(40)));
+        assert_eq!(parse_duration("500ms"), Ok(Duration::from_millis(500)));
+        assert_eq!(parse_duration("2m"), Ok(Duration::from_secs(120)));
+        assert_eq!(parse_duration("1h"), Ok(Duration::from_secs(3600)));
+        assert!(parse_duration("5d").is_err() && parse_duration("s").is_err() && parse_duration("").is_err());
+    }
 }

@@ -1,0 +1,39 @@
+//! Cluster controllers, one file each. Every controller is a task that keeps
+//! informers (list+watch caches) and reconciles on changes and on a timer;
+//! the decisions are pure functions, unit-tested in their files.
+//!
+//! Namespace deletion needs no controller here: the API server empties and
+//! removes a terminating namespace itself.
+
+use std::time::Duration;
+
+use crate::cluster::client::Client;
+
+pub mod node_lifecycle;
+pub mod pod_gc;
+
+/// Settings of the controllers, from `podvisor up`.
+#[derive(Clone, Debug)]
+pub struct Settings {
+    /// A node whose heartbeat (Lease renewal) is older than this is unreachable.
+    pub node_monitor_grace: Duration,
+    /// Finished pods beyond this many are deleted, oldest first.
+    pub terminated_pod_threshold: usize,
+}
+
+impl Default for Settings {
+    fn default() -> Self {
+        Settings {
+            node_monitor_grace: Duration::from_secs(40),
+            terminated_pod_threshold: 1000,
+        }
+    }
+}
+
+/// Starts every controller.
+pub fn spawn_all(client: &Client, settings: &Settings) -> Vec<tokio::task::JoinHandle<()>> {
+    vec![
+        node_lifecycle::spawn(client.clone(), settings.node_monitor_grace),
+        pod_gc::spawn(client.clone(), settings.terminated_pod_threshold),
+    ]
+}
