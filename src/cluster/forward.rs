@@ -40,6 +40,8 @@ pub enum ForwardError {
     Tls { authority: String, source: io::Error },
     #[error("HTTP exchange with {authority}: {source}")]
     Http { authority: String, source: hyper::Error },
+    #[error("{authority} switched protocols on a request that asked for no upgrade")]
+    UnaskedUpgrade { authority: String },
 }
 
 /// Headers that describe one hop only. `Connection` and `Upgrade` are kept for upgrade requests.
@@ -112,9 +114,12 @@ pub async fn forward(
     });
     let mut resp = sender.send_request(out).await.map_err(http_err)?;
 
-    if resp.status() == StatusCode::SWITCHING_PROTOCOLS
-        && let Some(client_upgrade) = client_upgrade
-    {
+    if resp.status() == StatusCode::SWITCHING_PROTOCOLS {
+        let Some(client_upgrade) = client_upgrade else {
+            return Err(ForwardError::UnaskedUpgrade {
+                authority: upstream.authority.clone(),
+            });
+        };
         let upstream_upgrade = hyper::upgrade::on(&mut resp);
         tokio::spawn(async move {
             let (client, upstream) = match tokio::try_join!(client_upgrade, upstream_upgrade) {

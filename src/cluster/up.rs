@@ -171,29 +171,20 @@ async fn start_agent_server(
         names.push(options.node_name.clone());
     }
     let (cert, key) = tls::issue_serving_cert(credentials, &format!("system:node:{}", options.node_name), &names)?;
+    let serving = tls::server_config_from_pem(&cert, &key)?;
     let config = |port: u16| AgentServerConfig {
         listen: SocketAddr::from(([127, 0, 0, 1], port)),
         cri_endpoint: options.endpoint(),
-        tls: None,
+        tls: Some(serving.clone()),
         token: credentials.token.clone(),
         streaming_tls: None,
     };
-    let serving = tls::server_config_from_pem(&cert, &key)?;
     let port = options.kubelet_port.unwrap_or(agent_server::DEFAULT_PORT);
-    match agent_server::serve(AgentServerConfig {
-        tls: Some(serving.clone()),
-        ..config(port)
-    })
-    .await
-    {
+    match agent_server::serve(config(port)).await {
         Ok(served) => Ok(served),
         Err(err) if options.kubelet_port.is_none() => {
             tracing::warn!(port, error = %err, "node agent port taken, using a free port");
-            agent_server::serve(AgentServerConfig {
-                tls: Some(serving),
-                ..config(0)
-            })
-            .await
+            agent_server::serve(config(0)).await
         }
         Err(err) => Err(err.context(format!("node agent on port {port}"))),
     }

@@ -551,4 +551,52 @@ mod tests {
         };
         assert_eq!(read_log(&path, follow).await, "c\n");
     }
+
+    #[tokio::test]
+    async fn follow_survives_rotation_and_truncation_and_ends_with_the_container() {
+        use std::io::Write;
+        use std::sync::Arc;
+        use std::sync::atomic::{AtomicBool, Ordering};
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("c.log");
+        let append = |text: &str| {
+            let mut f = std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(&path)
+                .unwrap();
+            writeln!(f, "2024-01-01T00:00:00Z stdout F {text}").unwrap();
+        };
+        append("a");
+        let running = Arc::new(AtomicBool::new(true));
+        let check = running.clone();
+        let is_running: RunningCheck = Box::new(move || {
+            let running = check.load(Ordering::SeqCst);
+            Box::pin(async move { running })
+        });
+        let options = LogOptions {
+            follow: true,
+            ..Default::default()
+        };
+        let (tx, mut rx) = mpsc::channel(4);
+        let task = tokio::spawn(stream_log(path.clone(), options, is_running, tx));
+        let mut next = async || {
+            let frame = tokio::time::timeout(Duration::from_secs(5), rx.recv()).await;
+            frame.ok().flatten().map(|f| f.unwrap().into_data().unwrap())
+        };
+        assert_eq!(next().await.as_deref(), Some(&b"a\n"[..]));
+        append("b");
+        assert_eq!(next().await.as_deref(), Some(&b"b\n"[..]));
+        std::fs::rename(&path, dir.path().join("c.log.1")).unwrap();
+        append("c");
+        assert_eq!(next().await.as_deref(), Some(&b"c\n"[..]));
+        // Truncation in place is noticed once the file is shorter than what was read.
+        std::fs::write(&path, "").unwrap();
+        tokio::time::sleep(POLL * 3).await;
+        append("d");
+        assert_eq!(next().await.as_deref(), Some(&b"d\n"[..]));
+        running.store(false, Ordering::SeqCst);
+        assert_eq!(next().await, None);
+        task.await.unwrap();
+    }
 }
