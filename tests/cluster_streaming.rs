@@ -112,20 +112,32 @@ impl Env {
     async fn run_pod(&self, name: &str, node: &str, containers: &[Spec<'_>]) -> Pod {
         let names: Vec<&str> = containers.iter().map(|c| c.name).collect();
         let uid = self.apply_pod(name, Some(node), &names);
+        self.run_sandbox(name, &uid, containers).await
+    }
+
+    /// A sandbox with started containers for the pod `name` with `uid`.
+    async fn run_sandbox(&self, name: &str, uid: &str, containers: &[Spec<'_>]) -> Pod {
         let labels = HashMap::from([
             ("io.kubernetes.pod.name".to_string(), name.to_string()),
             ("io.kubernetes.pod.namespace".to_string(), "default".to_string()),
-            ("io.kubernetes.pod.uid".to_string(), uid.clone()),
+            ("io.kubernetes.pod.uid".to_string(), uid.to_string()),
         ]);
         let config = cri::PodSandboxConfig {
             metadata: Some(cri::PodSandboxMetadata {
                 name: name.into(),
-                uid: uid.clone(),
+                uid: uid.into(),
                 namespace: "default".into(),
                 attempt: 0,
             }),
             hostname: name.into(),
-            log_directory: self.c.dir.path().join("pods").join(name).display().to_string(),
+            log_directory: self
+                .c
+                .dir
+                .path()
+                .join("pods")
+                .join(format!("default_{name}_{uid}"))
+                .display()
+                .to_string(),
             labels,
             linux: Some(cri::LinuxPodSandboxConfig {
                 security_context: Some(cri::LinuxSandboxSecurityContext {
@@ -660,6 +672,17 @@ async fn nodes_are_found_by_their_published_endpoint() {
         .run_pod("far", "remote1", &[sh("c", "echo far-away; sleep 1000")])
         .await;
     env.wait_log("far", "c", "far-away");
+    // What is left of another pod of the same name (stopped, newer here) does not get in the way.
+    let stale = env
+        .run_sandbox("far", "stale-uid", &[sh("c", "echo stale; sleep 1000")])
+        .await;
+    env.runtime()
+        .await
+        .stop_pod_sandbox(cri::StopPodSandboxRequest {
+            pod_sandbox_id: stale.sandbox.clone(),
+        })
+        .await
+        .expect("StopPodSandbox");
     assert_eq!(c.ok(&["logs", "far"]), "far-away\n");
     assert_eq!(c.ok(&["exec", "far", "--", "echo", "via", "remote1"]), "via remote1\n");
 
@@ -710,4 +733,5 @@ async fn nodes_are_found_by_their_published_endpoint() {
     assert_eq!(get("/nothing/here", true).await.unwrap().status(), 404);
 
     env.remove_pod(&pod).await;
+    env.remove_pod(&stale).await;
 }

@@ -292,9 +292,21 @@ impl Agent {
         Ok(items)
     }
 
-    /// The instances of a container of the pod, newest (highest restart attempt) first.
+    /// The instances of a container of the pod, newest (highest restart attempt) first. Without a uid in the
+    /// request, the pod is the one of the newest ready sandbox, else of the newest sandbox: a stopped older pod of
+    /// the same name may still be around.
     async fn containers(&self, pod: &PodRef<'_>, container: &str) -> Result<Vec<cri::Container>> {
+        let sandboxes = self.sandboxes(pod).await?;
+        let ready = cri::PodSandboxState::SandboxReady as i32;
+        let Some(current) = sandboxes.iter().find(|s| s.state == ready).or(sandboxes.first()) else {
+            return Err(not_found(format!("pod \"{pod}\" not found on this node")));
+        };
         let mut labels = pod.labels();
+        if pod.uid.is_none()
+            && let Some(uid) = current.labels.get(POD_UID_LABEL)
+        {
+            labels.insert(POD_UID_LABEL.to_string(), uid.clone());
+        }
         labels.insert(CONTAINER_NAME_LABEL.to_string(), container.to_string());
         let filter = cri::ContainerFilter {
             label_selector: labels,
@@ -309,9 +321,6 @@ impl Agent {
             .into_inner()
             .containers;
         if items.is_empty() {
-            if self.sandboxes(pod).await?.is_empty() {
-                return Err(not_found(format!("pod \"{pod}\" not found on this node")));
-            }
             return Err(not_found(format!(
                 "container \"{container}\" in pod \"{pod}\" not found on this node (not created yet, or removed)"
             )));
