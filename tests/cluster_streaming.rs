@@ -289,6 +289,17 @@ fn wait_line(rx: &mpsc::Receiver<String>, what: &str, pred: impl Fn(&str) -> boo
     }
 }
 
+/// How many of `pid`'s open files have names ending in `suffix`.
+fn open_files(pid: u32, suffix: &str) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .map(|fds| {
+            fds.filter_map(|fd| std::fs::read_link(fd.ok()?.path()).ok())
+                .filter(|target| target.to_string_lossy().ends_with(suffix))
+                .count()
+        })
+        .unwrap_or(0)
+}
+
 fn stop(mut child: Child) {
     let _ = child.kill();
     let _ = child.wait();
@@ -350,6 +361,27 @@ async fn logs_through_the_api_server() {
         "logs -f: a new line arrived {} ms after it was triggered",
         started.elapsed().as_millis()
     );
+    // A follower that goes away stops the agent reading the file.
+    let gone = c
+        .cmd(&["logs", "-f", "logs", "-c", "side", "--tail=0"])
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let side_log = "side_0.log";
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while open_files(c.pid(), side_log) == 0 {
+        assert!(Instant::now() < deadline, "the agent never opened {side_log}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    stop(gone);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while open_files(c.pid(), side_log) > 0 {
+        assert!(
+            Instant::now() < deadline,
+            "the agent still reads {side_log} for a follower that left"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
     // It ends when the container stops.
     env.stop_container(&pod.containers["c"]).await;
     let deadline = Instant::now() + Duration::from_secs(15);
