@@ -68,6 +68,10 @@ enum Command {
         /// The node's name [default: the host name].
         #[arg(long)]
         node_name: Option<String>,
+        /// Port of the node agent's HTTPS API on 127.0.0.1 (logs, exec, attach, port-forward) [default: 10250,
+        /// or a free port when that is taken].
+        #[arg(long)]
+        kubelet_port: Option<u16>,
         /// Socket for the in-process CRI daemon.
         #[arg(long, default_value = DEFAULT_ENDPOINT)]
         listen: String,
@@ -165,6 +169,7 @@ fn up_options(command: &Command) -> Option<podvisor::cluster::up::UpOptions> {
         api_address,
         runtime_endpoint,
         node_name,
+        kubelet_port,
         listen,
         root,
         state,
@@ -196,6 +201,7 @@ fn up_options(command: &Command) -> Option<podvisor::cluster::up::UpOptions> {
             node_monitor_grace: *node_monitor_grace_period,
             ..Default::default()
         },
+        kubelet_port: *kubelet_port,
     })
 }
 

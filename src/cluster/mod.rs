@@ -2,10 +2,12 @@
 //! over a durable object store, plus the scheduler, controllers and node agent
 //! that drive pods through CRI.
 
+pub mod agent;
 pub mod apiserver;
 pub mod client;
 pub mod controllers;
 pub mod events;
+pub mod forward;
 pub mod informer;
 pub mod scheduler;
 pub mod store;

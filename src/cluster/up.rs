@@ -8,11 +8,13 @@
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
 
-use crate::cluster::apiserver::{ApiServer, Config as ApiConfig};
+use crate::cluster::agent::server::{self as agent_server, AgentServerConfig};
+use crate::cluster::apiserver::{ApiServer, Config as ApiConfig, KubeletProxy, tls};
 use crate::cluster::client::Client;
 use crate::daemon::DaemonOptions;
 
@@ -39,6 +41,8 @@ pub struct UpOptions {
     /// How the scheduler ranks nodes.
     pub scheduler_strategy: crate::cluster::scheduler::Strategy,
     pub controllers: crate::cluster::controllers::Settings,
+    /// The node agent's API port; None tries 10250 and falls back to a free port.
+    pub kubelet_port: Option<u16>,
 }
 
 impl UpOptions {
@@ -133,8 +137,14 @@ pub async fn run_foreground(options: UpOptions, shutdown: impl Future<Output = (
         wait_for_socket(&options.endpoint(), task).await?;
     }
 
-    let mut api_config = ApiConfig::new(options.data_dir.join("apiserver"));
+    let api_dir = options.data_dir.join("apiserver");
+    let credentials = tls::load_or_create(&api_dir)?;
+    let (agent_addr, agent_task) = start_agent_server(&options, &credentials).await?;
+    let mut api_config = ApiConfig::new(api_dir);
     api_config.addr = options.api_address;
+    api_config.hooks.node_proxy = Some(Arc::new(
+        KubeletProxy::new(&credentials.ca_pem, &credentials.token)?.with_local_node(&options.node_name, agent_addr),
+    ));
     let api = ApiServer::start(api_config)
         .await
         .with_context(|| format!("starting the API server on {}", options.api_address))?;
@@ -147,6 +157,7 @@ pub async fn run_foreground(options: UpOptions, shutdown: impl Future<Output = (
         kubeconfig = %options.kubeconfig.display(),
         runtime = %options.endpoint(),
         node = %options.node_name,
+        node_agent = %agent_addr,
         ms = started.elapsed().as_millis() as u64,
         "podvisor cluster up"
     );
@@ -158,6 +169,7 @@ pub async fn run_foreground(options: UpOptions, shutdown: impl Future<Output = (
     }
     components.stop();
     api.stop();
+    agent_task.abort();
     if let Some(task) = daemon {
         let _ = stop_daemon.send(());
         task.await
@@ -167,6 +179,39 @@ pub async fn run_foreground(options: UpOptions, shutdown: impl Future<Output = (
     let _ = std::fs::remove_file(options.data_dir.join(PID_FILE));
     let _ = std::fs::remove_file(options.data_dir.join(DOWN_FILE));
     Ok(())
+}
+
+/// The node agent's HTTPS API on 127.0.0.1, with a certificate from the cluster CA.
+async fn start_agent_server(
+    options: &UpOptions,
+    credentials: &tls::Credentials,
+) -> anyhow::Result<(SocketAddr, tokio::task::JoinHandle<()>)> {
+    let mut names = vec!["localhost".to_string(), "127.0.0.1".to_string()];
+    if options
+        .node_name
+        .bytes()
+        .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.')
+    {
+        names.push(options.node_name.clone());
+    }
+    let (cert, key) = tls::issue_serving_cert(credentials, &format!("system:node:{}", options.node_name), &names)?;
+    let serving = tls::server_config_from_pem(&cert, &key)?;
+    let config = |port: u16| AgentServerConfig {
+        listen: SocketAddr::from(([127, 0, 0, 1], port)),
+        cri_endpoint: options.endpoint(),
+        tls: Some(serving.clone()),
+        token: credentials.token.clone(),
+        streaming_tls: None,
+    };
+    let port = options.kubelet_port.unwrap_or(agent_server::DEFAULT_PORT);
+    match agent_server::serve(config(port)).await {
+        Ok(served) => Ok(served),
+        Err(err) if options.kubelet_port.is_none() => {
+            tracing::warn!(port, error = %err, "node agent port taken, using a free port");
+            agent_server::serve(config(0)).await
+        }
+        Err(err) => Err(err.context(format!("node agent on port {port}"))),
+    }
 }
 
 async fn wait_for_socket(

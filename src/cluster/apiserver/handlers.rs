@@ -14,6 +14,7 @@ use tokio_stream::wrappers::ReceiverStream;
 
 use super::errors::{ApiError, ApiResult};
 use super::hooks::DeleteDecision;
+use super::node_proxy;
 use super::patch::{self, PatchKind};
 use super::registry::{RESOURCES, ResourceInfo, lookup};
 use super::select::{FieldSelector, LabelSelector};
@@ -858,12 +859,21 @@ async fn proxy(
         Ok(p) => p,
         Err(e) => return error_response(&ApiError::from_store(e, "pods", name)),
     };
-    match &state.hooks.node_proxy {
-        Some(p) => p.serve(&pod.value, sub, req).await,
-        None => error_response(&ApiError::not_implemented(format!(
+    let mut target = match node_proxy::node_request(&pod.value, sub, req.method(), req.uri().query()) {
+        Ok(t) => t,
+        Err(e) => return error_response(&e),
+    };
+    let Some(proxy) = &state.hooks.node_proxy else {
+        return error_response(&ApiError::not_implemented(format!(
             "pods/{sub} is served by the node agent, which is not running in this server"
-        ))),
-    }
+        )));
+    };
+    target.node = match state.store.get(&Key::new("", "nodes", "", &target.node_name)).await {
+        Ok(node) => Some(node.value),
+        Err(StoreError::NotFound) => None,
+        Err(e) => return error_response(&ApiError::from_store(e, "nodes", &target.node_name)),
+    };
+    proxy.serve(target, req).await
 }
 
 /// Creates the built-in namespaces and runtime class and resumes interrupted namespace deletions.

@@ -2,8 +2,6 @@
 
 use std::sync::Arc;
 
-use bytes::Bytes;
-use http_body_util::combinators::BoxBody;
 use hyper::body::Incoming;
 use serde_json::Value;
 
@@ -46,13 +44,24 @@ impl DeletePolicy for BoundPodsGraceful {
     }
 }
 
-pub type ProxyBody = BoxBody<Bytes, std::io::Error>;
+pub use crate::cluster::forward::ProxyBody;
 
-/// Serves pod subresources that live on a node: `log`, `exec`, `attach`, `portforward`. The request is handed over
-/// as received (upgrades included); `pod` is the current object.
+/// A pod subresource request (`log`, `exec`, `attach`, `portforward`) bound for the pod's node, after the API server
+/// checked the pod is bound and the container exists.
+#[derive(Clone, Debug)]
+pub struct NodeRequest {
+    pub node_name: String,
+    /// The Node object, if registered.
+    pub node: Option<Value>,
+    /// Path and query on the node's kubelet API, e.g. `/containerLogs/default/web/c?follow=true`.
+    pub path_and_query: String,
+}
+
+/// Serves pod subresources that live on a node. The client's request is handed over as received (upgrades
+/// included) and the answer goes back as is.
 #[async_trait::async_trait]
 pub trait NodeProxy: Send + Sync + 'static {
-    async fn serve(&self, pod: &Value, subresource: &str, req: hyper::Request<Incoming>) -> hyper::Response<ProxyBody>;
+    async fn serve(&self, target: NodeRequest, req: hyper::Request<Incoming>) -> hyper::Response<ProxyBody>;
 }
 
 #[derive(Clone)]

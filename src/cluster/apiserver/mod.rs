@@ -5,6 +5,7 @@ pub mod discovery;
 pub mod errors;
 mod handlers;
 pub mod hooks;
+pub mod node_proxy;
 pub mod patch;
 pub mod protobuf;
 pub mod registry;
@@ -32,7 +33,8 @@ use tokio::task::JoinHandle;
 
 use crate::cluster::store::{RedbStore, Store};
 use errors::ApiError;
-pub use hooks::{BoundPodsGraceful, DeleteDecision, DeletePolicy, Hooks, NodeProxy};
+pub use hooks::{BoundPodsGraceful, DeleteDecision, DeletePolicy, Hooks, NodeProxy, NodeRequest};
+pub use node_proxy::KubeletProxy;
 
 pub type Body = BoxBody<Bytes, std::io::Error>;
 
