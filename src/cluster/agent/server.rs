@@ -197,6 +197,42 @@ fn authorized(token: &str, req: &Request<Incoming>) -> bool {
     presented.len() == token.len() && presented.bytes().zip(token.bytes()).fold(0u8, |a, (x, y)| a | (x ^ y)) == 0
 }
 
+/// A kubelet API path.
+enum Route<'a> {
+    Logs(PodRef<'a>, &'a str),
+    Exec(PodRef<'a>, &'a str),
+    Attach(PodRef<'a>, &'a str),
+    PortForward(PodRef<'a>),
+}
+
+impl<'a> Route<'a> {
+    fn parse(path: &'a str) -> Option<Self> {
+        let segments: Vec<&str> = path.trim_start_matches('/').split('/').collect();
+        if segments.iter().any(|s| s.is_empty()) {
+            return None;
+        }
+        let pod = |namespace, name, uid| PodRef { namespace, name, uid };
+        Some(match segments.as_slice() {
+            ["containerLogs", ns, name, container] => Route::Logs(pod(ns, name, None), container),
+            ["exec", ns, name, container] => Route::Exec(pod(ns, name, None), container),
+            ["exec", ns, name, uid, container] => Route::Exec(pod(ns, name, Some(uid)), container),
+            ["attach", ns, name, container] => Route::Attach(pod(ns, name, None), container),
+            ["attach", ns, name, uid, container] => Route::Attach(pod(ns, name, Some(uid)), container),
+            ["portForward", ns, name] => Route::PortForward(pod(ns, name, None)),
+            ["portForward", ns, name, uid] => Route::PortForward(pod(ns, name, Some(uid))),
+            _ => return None,
+        })
+    }
+
+    /// Logs are read with GET; streams upgrade a GET (WebSocket) or a POST (SPDY).
+    fn allows(&self, method: &Method) -> bool {
+        match self {
+            Route::Logs(..) => method == Method::GET,
+            _ => method == Method::GET || method == Method::POST,
+        }
+    }
+}
+
 /// Stdio flags of exec and attach; kubelet also accepts the old names input/output/error.
 fn stdio(q: &HashMap<String, String>) -> (bool, bool, bool, bool) {
     (
@@ -217,41 +253,15 @@ impl Agent {
             return status_response(&ApiError::unauthorized());
         }
         let method = req.method().clone();
-        let result = {
-            let segments: Vec<&str> = path.trim_start_matches('/').split('/').collect();
-            if segments.iter().any(|s| s.is_empty()) {
-                Err(ApiError::path_not_found())
-            } else {
-                let pod = |ns, name, uid| PodRef {
-                    namespace: ns,
-                    name,
-                    uid,
-                };
-                let streaming = method == Method::GET || method == Method::POST;
-                match segments.as_slice() {
-                    ["containerLogs", ns, name, container] if method == Method::GET => {
-                        self.logs(&pod(ns, name, None), container, &req).await
-                    }
-                    ["exec", ns, name, container] if streaming => self.exec(&pod(ns, name, None), container, req).await,
-                    ["exec", ns, name, uid, container] if streaming => {
-                        self.exec(&pod(ns, name, Some(uid)), container, req).await
-                    }
-                    ["attach", ns, name, container] if streaming => {
-                        self.attach(&pod(ns, name, None), container, req).await
-                    }
-                    ["attach", ns, name, uid, container] if streaming => {
-                        self.attach(&pod(ns, name, Some(uid)), container, req).await
-                    }
-                    ["portForward", ns, name] if streaming => self.port_forward(&pod(ns, name, None), req).await,
-                    ["portForward", ns, name, uid] if streaming => {
-                        self.port_forward(&pod(ns, name, Some(uid)), req).await
-                    }
-                    ["containerLogs" | "exec" | "attach" | "portForward", ..] => Err(ApiError::method_not_allowed(
-                        format!("{method} is not supported on {path}"),
-                    )),
-                    _ => Err(ApiError::path_not_found()),
-                }
-            }
+        let result = match Route::parse(&path) {
+            None => Err(ApiError::path_not_found()),
+            Some(route) if !route.allows(&method) => Err(ApiError::method_not_allowed(format!(
+                "{method} is not supported on {path}"
+            ))),
+            Some(Route::Logs(pod, container)) => self.logs(&pod, container, &req).await,
+            Some(Route::Exec(pod, container)) => self.exec(&pod, container, req).await,
+            Some(Route::Attach(pod, container)) => self.attach(&pod, container, req).await,
+            Some(Route::PortForward(pod)) => self.port_forward(&pod, req).await,
         };
         result.unwrap_or_else(|err| {
             tracing::debug!(%method, %path, code = err.code.as_u16(), message = %err.message, "node agent request failed");
@@ -532,5 +542,41 @@ impl Agent {
                     format!("streaming server: {e}"),
                 )
             })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn kubelet_paths() {
+        let Some(Route::Exec(pod, container)) = Route::parse("/exec/ns/web/u1/c") else {
+            panic!("exec with uid");
+        };
+        assert_eq!(
+            (pod.to_string(), pod.uid, container),
+            ("ns/web".into(), Some("u1"), "c")
+        );
+        assert!(matches!(Route::parse("/exec/ns/web/c"), Some(Route::Exec(p, "c")) if p.uid.is_none()));
+        assert!(matches!(
+            Route::parse("/containerLogs/ns/web/c"),
+            Some(Route::Logs(_, "c"))
+        ));
+        assert!(matches!(
+            Route::parse("/portForward/ns/web"),
+            Some(Route::PortForward(_))
+        ));
+        for bad in [
+            "/containerLogs/ns/web",
+            "/exec/ns//c",
+            "/portForward/ns/web/u/x",
+            "/metrics",
+        ] {
+            assert!(Route::parse(bad).is_none(), "{bad}");
+        }
+        let logs = Route::parse("/containerLogs/ns/web/c").unwrap();
+        assert!(logs.allows(&Method::GET) && !logs.allows(&Method::POST));
+        assert!(Route::parse("/attach/ns/web/c").unwrap().allows(&Method::POST));
     }
 }
