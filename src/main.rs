@@ -68,6 +68,9 @@ enum Command {
         /// The node's name [default: the host name].
         #[arg(long)]
         node_name: Option<String>,
+        /// Where the node agent writes container logs.
+        #[arg(long, default_value = podvisor::cluster::agent::DEFAULT_POD_LOG_DIR)]
+        pod_log_dir: PathBuf,
         /// Socket for the in-process CRI daemon.
         #[arg(long, default_value = DEFAULT_ENDPOINT)]
         listen: String,
@@ -158,6 +161,7 @@ fn up_options(command: &Command) -> Option<podvisor::cluster::up::UpOptions> {
         api_address,
         runtime_endpoint,
         node_name,
+        pod_log_dir,
         listen,
         root,
         state,
@@ -182,6 +186,7 @@ fn up_options(command: &Command) -> Option<podvisor::cluster::up::UpOptions> {
             config_path: config.clone().unwrap_or_else(|| PathBuf::from(DEFAULT_CONFIG_PATH)),
         },
         node_name: node_name.clone().unwrap_or_else(podvisor::cluster::up::node_name),
+        pod_log_dir: pod_log_dir.clone(),
     })
 }
 

@@ -2,6 +2,7 @@
 //! over a durable object store, plus the scheduler, controllers and node agent
 //! that drive pods through CRI.
 
+pub mod agent;
 pub mod apiserver;
 pub mod client;
 pub mod events;

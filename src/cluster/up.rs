@@ -12,6 +12,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context;
 
+use crate::cluster::agent::{Agent, AgentOptions};
 use crate::cluster::apiserver::{ApiServer, Config as ApiConfig};
 use crate::cluster::client::Client;
 use crate::daemon::DaemonOptions;
@@ -36,6 +37,8 @@ pub struct UpOptions {
     /// For the in-process CRI daemon.
     pub daemon: DaemonOptions,
     pub node_name: String,
+    /// Where the node agent keeps container logs.
+    pub pod_log_dir: PathBuf,
 }
 
 impl UpOptions {
@@ -67,17 +70,36 @@ pub fn node_name() -> String {
 /// until the cluster stops.
 pub struct Components {
     tasks: Vec<tokio::task::JoinHandle<()>>,
+    agent: Agent,
 }
 
 impl Components {
-    fn start(_client: &Client, _options: &UpOptions) -> Self {
-        Components { tasks: Vec::new() }
+    fn start(client: &Client, options: &UpOptions) -> Self {
+        let agent = Agent::start(
+            client.clone(),
+            AgentOptions {
+                node_name: options.node_name.clone(),
+                runtime_endpoint: options.endpoint(),
+                state_dir: options.data_dir.join("agent"),
+                pod_log_dir: options.pod_log_dir.clone(),
+                storage_dir: options.daemon.root.clone(),
+                cluster_dns: None,
+                cluster_domain: "cluster.local".into(),
+            },
+        );
+        Components {
+            tasks: Vec::new(),
+            agent,
+        }
     }
 
     /// Removes every pod the node agent ran (for `down`).
-    async fn remove_pods(&self) {}
+    async fn remove_pods(&self) {
+        self.agent.remove_pods().await;
+    }
 
     fn stop(self) {
+        self.agent.stop();
         for task in self.tasks {
             task.abort();
         }
