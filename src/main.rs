@@ -72,6 +72,9 @@ enum Command {
         /// or a free port when that is taken].
         #[arg(long)]
         kubelet_port: Option<u16>,
+        /// Where the node agent writes container logs.
+        #[arg(long, default_value = podvisor::cluster::agent::DEFAULT_POD_LOG_DIR)]
+        pod_log_dir: PathBuf,
         /// Socket for the in-process CRI daemon.
         #[arg(long, default_value = DEFAULT_ENDPOINT)]
         listen: String,
@@ -170,6 +173,7 @@ fn up_options(command: &Command) -> Option<podvisor::cluster::up::UpOptions> {
         runtime_endpoint,
         node_name,
         kubelet_port,
+        pod_log_dir,
         listen,
         root,
         state,
@@ -202,6 +206,7 @@ fn up_options(command: &Command) -> Option<podvisor::cluster::up::UpOptions> {
             ..Default::default()
         },
         kubelet_port: *kubelet_port,
+        pod_log_dir: pod_log_dir.clone(),
     })
 }
 

@@ -14,6 +14,7 @@ use std::time::{Duration, Instant};
 use anyhow::Context;
 
 use crate::cluster::agent::server::{self as agent_server, AgentServerConfig};
+use crate::cluster::agent::{Agent, AgentOptions};
 use crate::cluster::apiserver::{ApiServer, Config as ApiConfig, KubeletProxy, tls};
 use crate::cluster::client::Client;
 use crate::daemon::DaemonOptions;
@@ -43,6 +44,8 @@ pub struct UpOptions {
     pub controllers: crate::cluster::controllers::Settings,
     /// The node agent's API port; None tries 10250 and falls back to a free port.
     pub kubelet_port: Option<u16>,
+    /// Where the node agent keeps container logs.
+    pub pod_log_dir: PathBuf,
 }
 
 impl UpOptions {
@@ -90,22 +93,39 @@ pub fn node_name() -> String {
 /// until the cluster stops.
 pub struct Components {
     tasks: Vec<tokio::task::JoinHandle<()>>,
+    agent: Agent,
 }
 
 impl Components {
-    fn start(client: &Client, options: &UpOptions) -> Self {
+    fn start(client: &Client, options: &UpOptions, agent_port: u16) -> Self {
         let mut tasks = vec![crate::cluster::scheduler::spawn(
             client.clone(),
             options.scheduler_strategy,
         )];
         tasks.extend(crate::cluster::controllers::spawn_all(client, &options.controllers));
-        Components { tasks }
+        let agent = Agent::start(
+            client.clone(),
+            AgentOptions {
+                node_name: options.node_name.clone(),
+                runtime_endpoint: options.endpoint(),
+                state_dir: options.data_dir.join("agent"),
+                pod_log_dir: options.pod_log_dir.clone(),
+                storage_dir: options.daemon.root.clone(),
+                cluster_dns: None,
+                cluster_domain: "cluster.local".into(),
+                api_port: Some(agent_port),
+            },
+        );
+        Components { tasks, agent }
     }
 
     /// Removes every pod the node agent ran (for `down`).
-    async fn remove_pods(&self) {}
+    async fn remove_pods(&self) {
+        self.agent.remove_pods().await;
+    }
 
     fn stop(self) {
+        self.agent.stop();
         for task in self.tasks {
             task.abort();
         }
@@ -150,7 +170,7 @@ pub async fn run_foreground(options: UpOptions, shutdown: impl Future<Output = (
         .with_context(|| format!("starting the API server on {}", options.api_address))?;
     write_kubeconfig(&options.kubeconfig, &api.kubeconfig())?;
     let client = Client::new(&api.url, &api.ca_pem, &api.token)?;
-    let components = Components::start(&client, &options);
+    let components = Components::start(&client, &options, agent_addr.port());
     std::fs::write(options.data_dir.join(READY_FILE), api.url.as_bytes())?;
     tracing::info!(
         api = %api.url,

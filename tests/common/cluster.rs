@@ -86,6 +86,8 @@ impl Cluster {
             .arg(path("state"))
             .arg("--config")
             .arg(path("config.toml"))
+            .arg("--pod-log-dir")
+            .arg(path("pod-logs"))
             .args(&self.extra_args)
             .env(
                 "RUST_LOG",

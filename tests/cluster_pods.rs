@@ -1,0 +1,500 @@
+//! The node agent through `podvisor up` and the real `kubectl`: pods bound to
+//! the node run as CRI sandboxes and containers of the in-process daemon, with
+//! their status, restarts, probes, volumes and deletion observable from outside.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use common::cluster::Cluster;
+use common::oci::{Flavour, TestImage};
+use common::push::push_image;
+use common::registry::Registry;
+use podvisor::cri::proto::runtime as cri;
+
+const NODE: &str = "testnode";
+const WAIT: Duration = Duration::from_secs(40);
+
+/// A cluster whose node is `testnode`, a registry with busybox, and a host
+/// directory for pods to leave files in.
+struct Env {
+    c: Cluster,
+    image: String,
+    host: PathBuf,
+    _registry: Registry,
+}
+
+fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap()
+}
+
+impl Env {
+    fn start() -> Env {
+        let registry = runtime().block_on(async {
+            let registry = Registry::start().await;
+            push_image(
+                &registry.url(),
+                "test/busybox",
+                "latest",
+                &TestImage::busybox(),
+                Flavour::Oci,
+            )
+            .await;
+            registry
+        });
+        let image = format!("{}/test/busybox:latest", registry.host());
+        let c = Cluster::start_with(&["--node-name", NODE], "");
+        let host = c.dir.path().join("host");
+        std::fs::create_dir_all(&host).unwrap();
+        Env {
+            c,
+            image,
+            host,
+            _registry: registry,
+        }
+    }
+
+    /// Applies a manifest with `$IMAGE`, `$HOST` and `$NODE` replaced.
+    fn apply(&self, name: &str, yaml: &str) {
+        let text = yaml
+            .replace("$IMAGE", &self.image)
+            .replace("$HOST", &self.host.display().to_string())
+            .replace("$NODE", NODE);
+        let file = self.c.file(&format!("{name}.yaml"), &text);
+        self.c.ok(&["apply", "-f", &file]);
+    }
+
+    fn jsonpath(&self, pod: &str, path: &str) -> String {
+        self.c.ok(&["get", "pod", pod, "-o", &format!("jsonpath={path}")])
+    }
+
+    fn wait_jsonpath(&self, pod: &str, path: &str, cond: impl Fn(&str) -> bool) -> String {
+        let args = ["get", "pod", pod, "-o", &format!("jsonpath={path}")];
+        self.c.wait_output(&args, WAIT, cond)
+    }
+
+    fn wait_file(&self, name: &str, cond: impl Fn(&str) -> bool) -> String {
+        let path = self.host.join(name);
+        let deadline = Instant::now() + WAIT;
+        loop {
+            let text = std::fs::read_to_string(&path).unwrap_or_default();
+            if cond(&text) {
+                return text;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{} never matched; it holds {text:?}\n{}",
+                path.display(),
+                self.c.log()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    fn sandboxes(&self) -> Vec<cri::PodSandbox> {
+        let endpoint = self.c.endpoint();
+        runtime().block_on(async move {
+            let channel = podvisor::cri::socket::connect(&endpoint).await.unwrap();
+            cri::runtime_service_client::RuntimeServiceClient::new(channel)
+                .list_pod_sandbox(cri::ListPodSandboxRequest::default())
+                .await
+                .unwrap()
+                .into_inner()
+                .items
+        })
+    }
+
+    fn pod_logs(&self) -> PathBuf {
+        self.c.dir.path().join("pod-logs")
+    }
+}
+
+/// The text of a CRI log file without its `<time> <stream> <tag>` prefixes.
+fn log_text(path: &Path) -> String {
+    std::fs::read_to_string(path)
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| l.splitn(4, ' ').nth(3))
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+const CONFIG: &str = "apiVersion: v1
+kind: ConfigMap
+metadata: {name: settings}
+data: {greeting: hello, mode: fast, file.txt: from-configmap}
+---
+apiVersion: v1
+kind: Secret
+metadata: {name: creds}
+stringData: {password: s3cret}
+";
+
+const ENV_POD: &str = "apiVersion: v1
+kind: Pod
+metadata: {name: envpod, labels: {app: web}}
+spec:
+  nodeName: $NODE
+  containers:
+  - name: main
+    image: $IMAGE
+    imagePullPolicy: IfNotPresent
+    command: [sh, -c, 'env | sort > /host/env.txt; cat /cfg/file.txt > /host/cfg.txt; cat /info/labels > /host/labels.txt; echo $(GREETING) logged; trap \"exit 0\" TERM; while true; do sleep 1; done']
+    env:
+    - {name: LITERAL, value: plain}
+    - {name: GREETING, valueFrom: {configMapKeyRef: {name: settings, key: greeting}}}
+    - {name: PASSWORD, valueFrom: {secretKeyRef: {name: creds, key: password}}}
+    - {name: POD_NAME, valueFrom: {fieldRef: {fieldPath: metadata.name}}}
+    - {name: POD_NAMESPACE, valueFrom: {fieldRef: {fieldPath: metadata.namespace}}}
+    - {name: POD_UID, valueFrom: {fieldRef: {fieldPath: metadata.uid}}}
+    - {name: POD_IP, valueFrom: {fieldRef: {fieldPath: status.podIP}}}
+    - {name: NODE_NAME, valueFrom: {fieldRef: {fieldPath: spec.nodeName}}}
+    - {name: APP, valueFrom: {fieldRef: {fieldPath: \"metadata.labels['app']\"}}}
+    - {name: MEM_MI, valueFrom: {resourceFieldRef: {resource: limits.memory, divisor: 1Mi}}}
+    - {name: COMPOSED, value: '$(LITERAL)-$(APP)'}
+    envFrom:
+    - {prefix: CM_, configMapRef: {name: settings}}
+    resources: {limits: {memory: 64Mi, cpu: 500m}}
+    volumeMounts:
+    - {name: host, mountPath: /host}
+    - {name: cfg, mountPath: /cfg}
+    - {name: info, mountPath: /info}
+  volumes:
+  - {name: host, hostPath: {path: $HOST, type: Directory}}
+  - {name: cfg, configMap: {name: settings}}
+  - name: info
+    downwardAPI: {items: [{path: labels, fieldRef: {fieldPath: metadata.labels}}]}
+";
+
+#[test]
+fn pod_runs_with_env_volumes_and_status() {
+    let env = Env::start();
+    env.apply("config", CONFIG);
+    let started = Instant::now();
+    env.apply("pod", ENV_POD);
+    env.wait_jsonpath("envpod", "{.status.phase}", |p| p == "Running");
+    let to_running = started.elapsed();
+    env.wait_jsonpath("envpod", "{.status.conditions[?(@.type==\"Ready\")].status}", |s| {
+        s == "True"
+    });
+    println!("apply -> Running: {} ms", to_running.as_millis());
+
+    let pod_ip = env.jsonpath("envpod", "{.status.podIP}");
+    assert!(pod_ip.parse::<std::net::Ipv4Addr>().is_ok(), "pod IP {pod_ip:?}");
+    assert!(!env.jsonpath("envpod", "{.status.hostIP}").is_empty());
+    assert!(!env.jsonpath("envpod", "{.status.startTime}").is_empty());
+    assert_eq!(env.jsonpath("envpod", "{.status.qosClass}"), "Guaranteed");
+    let id = env.jsonpath("envpod", "{.status.containerStatuses[0].containerID}");
+    assert!(id.starts_with("podvisor://"), "{id}");
+    assert_eq!(env.jsonpath("envpod", "{.status.containerStatuses[0].ready}"), "true");
+    assert!(
+        !env.jsonpath("envpod", "{.status.containerStatuses[0].imageID}")
+            .is_empty()
+    );
+    let uid = env.jsonpath("envpod", "{.metadata.uid}");
+
+    let vars = env.wait_file("env.txt", |t| t.contains("PASSWORD"));
+    for expected in [
+        "LITERAL=plain".to_string(),
+        "GREETING=hello".into(),
+        "PASSWORD=s3cret".into(),
+        "POD_NAME=envpod".into(),
+        "POD_NAMESPACE=default".into(),
+        format!("POD_UID={uid}"),
+        format!("POD_IP={pod_ip}"),
+        format!("NODE_NAME={NODE}"),
+        "APP=web".into(),
+        "MEM_MI=64".into(),
+        "COMPOSED=plain-web".into(),
+        "CM_mode=fast".into(),
+        "CM_greeting=hello".into(),
+    ] {
+        assert!(vars.lines().any(|l| l == expected), "{expected} missing from:\n{vars}");
+    }
+    assert_eq!(env.wait_file("cfg.txt", |t| !t.is_empty()), "from-configmap");
+    assert_eq!(env.wait_file("labels.txt", |t| !t.is_empty()), "app=\"web\"");
+
+    let log = env.pod_logs().join(format!("default_envpod_{uid}/main/0.log"));
+    let deadline = Instant::now() + WAIT;
+    while !log_text(&log).contains("hello logged") {
+        assert!(Instant::now() < deadline, "log {}: {:?}", log.display(), log_text(&log));
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let events = env
+        .c
+        .ok(&["get", "events", "--field-selector", "involvedObject.name=envpod"]);
+    for reason in ["Pulled", "Created", "Started"] {
+        assert!(events.contains(reason), "{reason} missing:\n{events}");
+    }
+    // The node registered itself and keeps a lease.
+    let node = env.c.ok(&["get", "node", NODE, "-o", "jsonpath={.status.conditions[?(@.type==\"Ready\")].status} {.status.nodeInfo.containerRuntimeVersion} {.status.nodeInfo.kubeletVersion} {.status.capacity.pods}"]);
+    assert!(
+        node.starts_with("True podvisor://") && node.contains(" v1.32") && node.ends_with(" 110"),
+        "{node}"
+    );
+    let labels = env.c.ok(&["get", "node", NODE, "--show-labels"]);
+    assert!(
+        labels.contains("kubernetes.io/os=linux") && labels.contains(&format!("kubernetes.io/hostname={NODE}")),
+        "{labels}"
+    );
+    let lease = env.c.ok(&[
+        "get",
+        "lease",
+        NODE,
+        "-n",
+        "kube-node-lease",
+        "-o",
+        "jsonpath={.spec.holderIdentity}",
+    ]);
+    assert_eq!(lease, NODE);
+}
+
+const INIT_POD: &str = "apiVersion: v1
+kind: Pod
+metadata: {name: initpod}
+spec:
+  nodeName: $NODE
+  initContainers:
+  - {name: first, image: $IMAGE, imagePullPolicy: IfNotPresent, command: [sh, -c, 'echo first >> /shared/order'], volumeMounts: [{name: shared, mountPath: /shared}]}
+  - {name: second, image: $IMAGE, imagePullPolicy: IfNotPresent, command: [sh, -c, 'sleep 1; echo second >> /shared/order'], volumeMounts: [{name: shared, mountPath: /shared}]}
+  containers:
+  - name: writer
+    image: $IMAGE
+    imagePullPolicy: IfNotPresent
+    command: [sh, -c, 'echo from-writer >> /shared/order; trap \"exit 0\" TERM; while true; do sleep 1; done']
+    volumeMounts: [{name: shared, mountPath: /shared}]
+  - name: reader
+    image: $IMAGE
+    imagePullPolicy: IfNotPresent
+    command: [sh, -c, 'until grep -q from-writer /shared/order; do sleep 0.1; done; cp /shared/order /host/order; trap \"exit 0\" TERM; while true; do sleep 1; done']
+    volumeMounts: [{name: shared, mountPath: /shared}, {name: host, mountPath: /host}]
+  volumes:
+  - {name: shared, emptyDir: {}}
+  - {name: host, hostPath: {path: $HOST}}
+";
+
+#[test]
+fn init_containers_run_in_order_and_share_empty_dir() {
+    let env = Env::start();
+    env.apply("pod", INIT_POD);
+    let init = env.wait_jsonpath(
+        "initpod",
+        "{.status.conditions[?(@.type==\"Initialized\")].status}",
+        |s| !s.is_empty(),
+    );
+    if init == "False" {
+        assert_eq!(env.jsonpath("initpod", "{.status.phase}"), "Pending");
+    }
+    env.wait_jsonpath("initpod", "{.status.phase}", |p| p == "Running");
+    assert_eq!(
+        env.wait_file("order", |t| t.contains("from-writer")),
+        "first\nsecond\nfrom-writer\n"
+    );
+    let reasons = env.jsonpath("initpod", "{.status.initContainerStatuses[*].state.terminated.reason}");
+    assert_eq!(reasons, "Completed Completed");
+    assert_eq!(
+        env.jsonpath("initpod", "{.status.conditions[?(@.type==\"Initialized\")].status}"),
+        "True"
+    );
+}
+
+const EXIT_POD: &str = "apiVersion: v1
+kind: Pod
+metadata: {name: NAME}
+spec:
+  nodeName: $NODE
+  restartPolicy: Never
+  containers:
+  - {name: main, image: $IMAGE, imagePullPolicy: IfNotPresent, command: [sh, -c, 'printf bye > /dev/termination-log; exit CODE']}
+";
+
+#[test]
+fn restart_policy_never_ends_in_succeeded_or_failed() {
+    let env = Env::start();
+    env.apply("ok", &EXIT_POD.replace("NAME", "ok").replace("CODE", "0"));
+    env.apply("bad", &EXIT_POD.replace("NAME", "bad").replace("CODE", "3"));
+    env.wait_jsonpath("ok", "{.status.phase}", |p| p == "Succeeded");
+    env.wait_jsonpath("bad", "{.status.phase}", |p| p == "Failed");
+    let state = "{.status.containerStatuses[0].state.terminated.exitCode} {.status.containerStatuses[0].state.terminated.reason} {.status.containerStatuses[0].state.terminated.message} {.status.containerStatuses[0].restartCount}";
+    assert_eq!(env.jsonpath("bad", state), "3 Error bye 0");
+    assert_eq!(env.jsonpath("ok", state), "0 Completed bye 0");
+    assert_eq!(
+        env.jsonpath("ok", "{.status.conditions[?(@.type==\"Ready\")].reason}"),
+        "PodCompleted"
+    );
+}
+
+const CRASH_POD: &str = "apiVersion: v1
+kind: Pod
+metadata: {name: crasher}
+spec:
+  nodeName: $NODE
+  containers:
+  - {name: main, image: $IMAGE, imagePullPolicy: IfNotPresent, command: [sh, -c, 'echo crashing; exit 2']}
+";
+
+#[test]
+fn crashing_container_backs_off() {
+    let env = Env::start();
+    env.apply("pod", CRASH_POD);
+    let reason = "{.status.containerStatuses[0].state.waiting.reason}";
+    env.wait_jsonpath("crasher", reason, |r| r == "CrashLoopBackOff");
+    let status = env.jsonpath(
+        "crasher",
+        "{.status.phase} {.status.containerStatuses[0].lastState.terminated.exitCode} {.status.containerStatuses[0].state.waiting.message}",
+    );
+    assert!(
+        status.starts_with("Running 2 back-off 10s restarting failed container=main"),
+        "{status}"
+    );
+    // After the 10 s back-off it restarts again; the count keeps growing.
+    env.wait_jsonpath("crasher", "{.status.containerStatuses[0].restartCount}", |n| {
+        n.parse::<u32>().unwrap_or(0) >= 2
+    });
+    let events = env
+        .c
+        .ok(&["get", "events", "--field-selector", "involvedObject.name=crasher"]);
+    assert!(events.contains("BackOff"), "{events}");
+}
+
+const PROBE_POD: &str = "apiVersion: v1
+kind: Pod
+metadata: {name: probed}
+spec:
+  nodeName: $NODE
+  containers:
+  - name: live
+    image: $IMAGE
+    imagePullPolicy: IfNotPresent
+    command: [sh, -c, 'touch /tmp/healthy; sleep 2; rm /tmp/healthy; trap \"exit 0\" TERM; while true; do sleep 1; done']
+    livenessProbe: {exec: {command: [cat, /tmp/healthy]}, periodSeconds: 1, failureThreshold: 1}
+  - name: web
+    image: $IMAGE
+    imagePullPolicy: IfNotPresent
+    command: [sh, -c, 'mkdir -p /www; echo ok > /www/index.html; exec httpd -f -p 8080 -h /www']
+    ports: [{name: http, containerPort: 8080}]
+    readinessProbe: {httpGet: {path: /index.html, port: http}, periodSeconds: 1}
+  - name: closed
+    image: $IMAGE
+    imagePullPolicy: IfNotPresent
+    command: [sh, -c, 'trap \"exit 0\" TERM; while true; do sleep 1; done']
+    readinessProbe: {tcpSocket: {port: 9999}, periodSeconds: 1, failureThreshold: 1}
+";
+
+#[test]
+fn probes_restart_and_gate_readiness() {
+    let env = Env::start();
+    env.apply("pod", PROBE_POD);
+    env.wait_jsonpath(
+        "probed",
+        "{.status.containerStatuses[?(@.name==\"live\")].restartCount}",
+        |n| n.parse::<u32>().unwrap_or(0) >= 1,
+    );
+    env.wait_jsonpath("probed", "{.status.containerStatuses[?(@.name==\"web\")].ready}", |r| {
+        r == "true"
+    });
+    let status = env.jsonpath(
+        "probed",
+        "{.status.phase} {.status.containerStatuses[?(@.name==\"closed\")].ready} {.status.conditions[?(@.type==\"Ready\")].status}",
+    );
+    assert_eq!(status, "Running false False");
+    let events = env
+        .c
+        .ok(&["get", "events", "--field-selector", "involvedObject.name=probed"]);
+    assert!(
+        events.contains("Liveness probe failed") && events.contains("Readiness probe failed"),
+        "{events}"
+    );
+    assert!(events.contains("failed liveness probe, will be restarted"), "{events}");
+}
+
+const GRACEFUL_POD: &str = "apiVersion: v1
+kind: Pod
+metadata: {name: graceful}
+spec:
+  nodeName: $NODE
+  terminationGracePeriodSeconds: 20
+  containers:
+  - name: main
+    image: $IMAGE
+    imagePullPolicy: IfNotPresent
+    command: [sh, -c, 'trap \"echo term > /host/term; exit 0\" TERM; while true; do sleep 0.2; done']
+    lifecycle:
+      postStart: {exec: {command: [sh, -c, 'echo started > /host/poststart']}}
+      preStop: {exec: {command: [sh, -c, 'echo stopping > /host/prestop']}}
+    volumeMounts: [{name: host, mountPath: /host}]
+  volumes:
+  - {name: host, hostPath: {path: $HOST}}
+";
+
+#[test]
+fn graceful_delete_runs_hooks_and_removes_the_sandbox() {
+    let env = Env::start();
+    env.apply("pod", GRACEFUL_POD);
+    env.wait_jsonpath("graceful", "{.status.phase}", |p| p == "Running");
+    assert_eq!(env.wait_file("poststart", |t| !t.is_empty()), "started\n");
+    assert_eq!(env.sandboxes().len(), 1);
+    let uid = env.jsonpath("graceful", "{.metadata.uid}");
+    let started = Instant::now();
+    env.c.ok(&["delete", "pod", "graceful", "--timeout=30s"]);
+    assert!(
+        started.elapsed() < Duration::from_secs(15),
+        "delete took {:?}",
+        started.elapsed()
+    );
+    assert_eq!(std::fs::read_to_string(env.host.join("prestop")).unwrap(), "stopping\n");
+    assert_eq!(std::fs::read_to_string(env.host.join("term")).unwrap(), "term\n");
+    assert!(env.c.fails(&["get", "pod", "graceful"]).contains("NotFound"));
+    assert!(env.sandboxes().is_empty(), "{:?}", env.sandboxes());
+    assert!(!env.pod_logs().join(format!("default_graceful_{uid}")).exists());
+    assert!(!env.c.data_dir().join("agent/pods").join(&uid).exists());
+}
+
+const LONG_POD: &str = "apiVersion: v1
+kind: Pod
+metadata: {name: longrun}
+spec:
+  nodeName: $NODE
+  containers:
+  - name: main
+    image: $IMAGE
+    imagePullPolicy: IfNotPresent
+    command: [sh, -c, 'trap \"exit 0\" TERM; while true; do sleep 1; done']
+    volumeMounts: [{name: secret, mountPath: /secret}]
+  volumes:
+  - {name: secret, secret: {secretName: creds}}
+";
+
+#[test]
+fn pods_survive_kill_9_of_the_cluster() {
+    let mut env = Env::start();
+    env.apply("config", CONFIG);
+    env.apply("pod", LONG_POD);
+    env.wait_jsonpath("longrun", "{.status.conditions[?(@.type==\"Ready\")].status}", |s| {
+        s == "True"
+    });
+    let id = env.jsonpath("longrun", "{.status.containerStatuses[0].containerID}");
+    let started = env.jsonpath("longrun", "{.status.containerStatuses[0].state.running.startedAt}");
+    env.c.restart();
+    // The agent adopts the running container: same ID, no restart, still Ready.
+    env.wait_jsonpath("longrun", "{.status.conditions[?(@.type==\"Ready\")].status}", |s| {
+        s == "True"
+    });
+    std::thread::sleep(Duration::from_secs(2));
+    let after = "{.status.phase} {.status.containerStatuses[0].containerID} {.status.containerStatuses[0].restartCount} {.status.containerStatuses[0].state.running.startedAt}";
+    assert_eq!(env.jsonpath("longrun", after), format!("Running {id} 0 {started}"));
+    assert_eq!(env.sandboxes().len(), 1);
+    let nodes = env.c.ok(&["get", "nodes", "-o", "name"]);
+    assert_eq!(nodes.trim(), format!("node/{NODE}"));
+    // A force-deleted pod vanishes from the store at once; the agent still tears it down.
+    env.c.ok(&["delete", "pod", "longrun", "--grace-period=0", "--force"]);
+    let deadline = Instant::now() + WAIT;
+    while !env.sandboxes().is_empty() {
+        assert!(Instant::now() < deadline, "sandbox left behind:\n{}", env.c.log());
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
