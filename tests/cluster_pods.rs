@@ -273,7 +273,7 @@ spec:
     command: [sh, -c, 'until grep -q from-writer /shared/order; do sleep 0.1; done; cp /shared/order /host/order; trap \"exit 0\" TERM; while true; do sleep 1; done']
     volumeMounts: [{name: shared, mountPath: /shared}, {name: host, mountPath: /host}]
   volumes:
-  - {name: shared, emptyDir: {}}
+  - {name: shared, emptyDir: {medium: Memory, sizeLimit: 16Mi}}
   - {name: host, hostPath: {path: $HOST}}
 ";
 
@@ -315,8 +315,24 @@ spec:
 #[test]
 fn restart_policy_never_ends_in_succeeded_or_failed() {
     let env = Env::start();
-    env.apply("ok", &EXIT_POD.replace("NAME", "ok").replace("CODE", "0"));
     env.apply("bad", &EXIT_POD.replace("NAME", "bad").replace("CODE", "3"));
+    // Bound after creation, as the scheduler does it: the agent's watch picks it up.
+    let unbound = EXIT_POD
+        .replace("NAME", "ok")
+        .replace("CODE", "0")
+        .replace("  nodeName: $NODE\n", "");
+    env.apply("ok", &unbound);
+    let binding = format!(
+        r#"{{"apiVersion":"v1","kind":"Binding","metadata":{{"name":"ok"}},"target":{{"apiVersion":"v1","kind":"Node","name":"{NODE}"}}}}"#
+    );
+    let binding = env.c.file("binding.json", &binding);
+    env.c.ok(&[
+        "create",
+        "--raw",
+        "/api/v1/namespaces/default/pods/ok/binding",
+        "-f",
+        &binding,
+    ]);
     env.wait_jsonpath("ok", "{.status.phase}", |p| p == "Succeeded");
     env.wait_jsonpath("bad", "{.status.phase}", |p| p == "Failed");
     let state = "{.status.containerStatuses[0].state.terminated.exitCode} {.status.containerStatuses[0].state.terminated.reason} {.status.containerStatuses[0].state.terminated.message} {.status.containerStatuses[0].restartCount}";
@@ -497,4 +513,49 @@ fn pods_survive_kill_9_of_the_cluster() {
         assert!(Instant::now() < deadline, "sandbox left behind:\n{}", env.c.log());
         std::thread::sleep(Duration::from_millis(100));
     }
+}
+
+#[test]
+fn down_stops_and_removes_pods() {
+    let mut env = Env::start();
+    env.apply("config", CONFIG);
+    env.apply("pod", LONG_POD);
+    env.wait_jsonpath("longrun", "{.status.phase}", |p| p == "Running");
+    // A second pod once the image is present: how fast apply reaches Running.
+    let started = Instant::now();
+    env.apply(
+        "quick",
+        &EXIT_POD
+            .replace("NAME", "quick")
+            .replace("exit CODE", "trap \"exit 0\" TERM; while true; do sleep 1; done"),
+    );
+    env.wait_jsonpath("quick", "{.status.phase}", |p| p == "Running");
+    println!("apply -> Running (image present): {} ms", started.elapsed().as_millis());
+    let monitors = format!("monitor {}", env.c.dir.path().display());
+    assert!(!common::cri::processes_mentioning(&monitors).is_empty());
+    let down = std::process::Command::new(env!("CARGO_BIN_EXE_podvisor"))
+        .arg("down")
+        .arg("--data-dir")
+        .arg(env.c.data_dir())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    // The cluster process is this test's child: reap it so that `down` sees it gone.
+    let status = env.c.wait_exit(WAIT);
+    assert!(status.is_some_and(|s| s.success()), "{status:?}\n{}", env.c.log());
+    let out = down.wait_with_output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stdout));
+    assert!(
+        common::cri::processes_mentioning(&monitors).is_empty(),
+        "{}",
+        env.c.log()
+    );
+    assert!(common::cri::mounts_under(&env.c.data_dir()).is_empty());
+    assert!(
+        !env.c.data_dir().join("agent/pods").exists()
+            || std::fs::read_dir(env.c.data_dir().join("agent/pods"))
+                .unwrap()
+                .next()
+                .is_none()
+    );
 }
