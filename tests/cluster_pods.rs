@@ -36,14 +36,16 @@ impl Env {
     fn start() -> Env {
         let registry = runtime().block_on(async {
             let registry = Registry::start().await;
-            push_image(
-                &registry.url(),
-                "test/busybox",
-                "latest",
-                &TestImage::busybox(),
-                Flavour::Oci,
-            )
-            .await;
+            for tag in ["latest", "v2"] {
+                push_image(
+                    &registry.url(),
+                    "test/busybox",
+                    tag,
+                    &TestImage::busybox(),
+                    Flavour::Oci,
+                )
+                .await;
+            }
             registry
         });
         let image = format!("{}/test/busybox:latest", registry.host());
@@ -433,6 +435,7 @@ kind: Pod
 metadata: {name: graceful}
 spec:
   nodeName: $NODE
+  restartPolicy: Never
   terminationGracePeriodSeconds: 20
   containers:
   - name: main
@@ -454,6 +457,12 @@ fn graceful_delete_runs_hooks_and_removes_the_sandbox() {
     env.wait_jsonpath("graceful", "{.status.phase}", |p| p == "Running");
     assert_eq!(env.wait_file("poststart", |t| !t.is_empty()), "started\n");
     assert_eq!(env.sandboxes().len(), 1);
+    // A new image replaces the container (restartPolicy does not matter for that).
+    let v2 = env.image.replace(":latest", ":v2");
+    env.c.ok(&["set", "image", "pod/graceful", &format!("main={v2}")]);
+    let replaced = "{.status.containerStatuses[0].restartCount} {.status.containerStatuses[0].state.running.startedAt}";
+    env.wait_jsonpath("graceful", replaced, |s| s.starts_with("1 ") && s.len() > 2);
+    assert_eq!(std::fs::read_to_string(env.host.join("prestop")).unwrap(), "stopping\n");
     let uid = env.jsonpath("graceful", "{.metadata.uid}");
     let started = Instant::now();
     env.c.ok(&["delete", "pod", "graceful", "--timeout=30s"]);
@@ -558,4 +567,34 @@ fn down_stops_and_removes_pods() {
                 .next()
                 .is_none()
     );
+}
+
+/// Measurement, not a check: RSS and CPU of the whole `podvisor up` process
+/// (API server, store, CRI daemon and agent) idling with three running pods.
+#[test]
+#[ignore]
+fn idle_footprint() {
+    let env = Env::start();
+    for name in ["idle-a", "idle-b", "idle-c"] {
+        let pod = EXIT_POD
+            .replace("NAME", name)
+            .replace("exit CODE", "trap \"exit 0\" TERM; while true; do sleep 1; done");
+        env.apply(name, &pod);
+    }
+    for name in ["idle-a", "idle-b", "idle-c"] {
+        env.wait_jsonpath(name, "{.status.phase}", |p| p == "Running");
+    }
+    let pid = env.c.pid();
+    let cpu_ticks = || {
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+        let fields: Vec<&str> = stat.rsplit_once(')').unwrap().1.split_whitespace().collect();
+        fields[11].parse::<u64>().unwrap() + fields[12].parse::<u64>().unwrap()
+    };
+    std::thread::sleep(Duration::from_secs(10));
+    let before = cpu_ticks();
+    std::thread::sleep(Duration::from_secs(60));
+    let ticks = cpu_ticks() - before;
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let rss = status.lines().find(|l| l.starts_with("VmRSS")).unwrap();
+    println!("idle with 3 pods: {rss}; CPU {} ms over 60 s", ticks * 10);
 }

@@ -145,9 +145,22 @@ pub async fn run(ctx: Arc<Context>, uid: String, mut updates: watch::Receiver<Ta
             worker.terminate(target.gone).await;
             break;
         }
-        let next = match worker.sync().await {
-            Ok(next) => next,
-            Err(err) => {
+        // A deletion interrupts whatever the sync is doing (e.g. a long pull).
+        let deleted = |t: &Target| t.gone || t.pod.metadata.deletion_timestamp.is_some();
+        let synced = tokio::select! {
+            synced = worker.sync() => Some(synced),
+            changed = updates.wait_for(deleted) => match changed {
+                Ok(_) => None,
+                Err(_) => return,
+            },
+        };
+        let next = match synced {
+            None => {
+                target = updates.borrow_and_update().clone();
+                continue;
+            }
+            Some(Ok(next)) => next,
+            Some(Err(err)) => {
                 tracing::warn!(pod = %worker.key(), error = %err, "pod sync failed; retrying");
                 Some(Instant::now() + RETRY)
             }
@@ -441,7 +454,8 @@ impl Worker {
                 let message = format!("Container {name} definition changed, will be restarted");
                 self.kill_container(container, &latest.id, message, None).await;
                 self.restart_backoff.remove(&name);
-                self.wake.notify_one();
+                // Back at once with the new definition, whatever the restart policy.
+                return Ok(self.start(container, attempt(&latest) + 1).await);
             }
             return Ok(Outcome::Running);
         }
