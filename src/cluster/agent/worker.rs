@@ -13,13 +13,13 @@ use k8s_openapi::api::node::v1::RuntimeClass;
 use serde_json::json;
 use tokio::sync::{Notify, watch};
 
+use super::Context;
 use super::config::{self, ANNOTATION_HASH, pod_name, pod_namespace};
 use super::cri::CriError;
 use super::images::PullBackoff;
 use super::probes::{ProbeStates, Prober};
 use super::status::{InitProgress, Observed, Waiting, is_exited, is_running, pod_status};
 use super::volumes::Prepared;
-use super::{Context, teardown};
 use crate::cluster::events::{EventType, now, reference};
 use crate::cri::proto::runtime as api;
 
@@ -573,42 +573,6 @@ impl Worker {
             && let Err(err) = self.ctx.cri.stop_sandbox(&sandbox.id).await
         {
             tracing::warn!(pod = %self.key(), error = %err, "stopping the sandbox of a finished pod");
-        }
-    }
-
-    /// Graceful deletion (or the pod vanished): stop everything, then remove the pod object.
-    async fn terminate(&mut self, gone: bool) {
-        self.probers.clear();
-        let grace = if gone {
-            teardown::ORPHAN_GRACE
-        } else {
-            let deadline = self.pod.metadata.deletion_timestamp.as_ref().map(|t| t.0.as_second());
-            let left = deadline.map_or(0, |d| d - now().as_second());
-            Duration::from_secs(left.max(0) as u64)
-        };
-        let mut delay = Duration::from_millis(500);
-        while let Err(err) = teardown::kill_pod(&self.ctx, Some(&self.pod), &self.uid, grace).await {
-            tracing::warn!(pod = %self.key(), error = %err, "stopping the pod; retrying");
-            tokio::time::sleep(delay).await;
-            delay = (delay * 2).min(Duration::from_secs(10));
-        }
-        if gone {
-            return;
-        }
-        for _ in 0..10 {
-            let namespace = Some(pod_namespace(&self.pod));
-            match self
-                .ctx
-                .client
-                .delete::<Pod>(namespace, pod_name(&self.pod), Some(0))
-                .await
-            {
-                Ok(()) => return,
-                Err(err) => {
-                    tracing::warn!(pod = %self.key(), error = %err, "deleting the pod object");
-                    tokio::time::sleep(RETRY).await;
-                }
-            }
         }
     }
 }
