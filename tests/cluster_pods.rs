@@ -36,14 +36,16 @@ impl Env {
     fn start() -> Env {
         let registry = runtime().block_on(async {
             let registry = Registry::start().await;
-            push_image(
-                &registry.url(),
-                "test/busybox",
-                "latest",
-                &TestImage::busybox(),
-                Flavour::Oci,
-            )
-            .await;
+            for tag in ["latest", "v2"] {
+                push_image(
+                    &registry.url(),
+                    "test/busybox",
+                    tag,
+                    &TestImage::busybox(),
+                    Flavour::Oci,
+                )
+                .await;
+            }
             registry
         });
         let image = format!("{}/test/busybox:latest", registry.host());
@@ -273,7 +275,7 @@ spec:
     command: [sh, -c, 'until grep -q from-writer /shared/order; do sleep 0.1; done; cp /shared/order /host/order; trap \"exit 0\" TERM; while true; do sleep 1; done']
     volumeMounts: [{name: shared, mountPath: /shared}, {name: host, mountPath: /host}]
   volumes:
-  - {name: shared, emptyDir: {}}
+  - {name: shared, emptyDir: {medium: Memory, sizeLimit: 16Mi}}
   - {name: host, hostPath: {path: $HOST}}
 ";
 
@@ -315,8 +317,24 @@ spec:
 #[test]
 fn restart_policy_never_ends_in_succeeded_or_failed() {
     let env = Env::start();
-    env.apply("ok", &EXIT_POD.replace("NAME", "ok").replace("CODE", "0"));
     env.apply("bad", &EXIT_POD.replace("NAME", "bad").replace("CODE", "3"));
+    // Bound after creation, as the scheduler does it: the agent's watch picks it up.
+    let unbound = EXIT_POD
+        .replace("NAME", "ok")
+        .replace("CODE", "0")
+        .replace("  nodeName: $NODE\n", "");
+    env.apply("ok", &unbound);
+    let binding = format!(
+        r#"{{"apiVersion":"v1","kind":"Binding","metadata":{{"name":"ok"}},"target":{{"apiVersion":"v1","kind":"Node","name":"{NODE}"}}}}"#
+    );
+    let binding = env.c.file("binding.json", &binding);
+    env.c.ok(&[
+        "create",
+        "--raw",
+        "/api/v1/namespaces/default/pods/ok/binding",
+        "-f",
+        &binding,
+    ]);
     env.wait_jsonpath("ok", "{.status.phase}", |p| p == "Succeeded");
     env.wait_jsonpath("bad", "{.status.phase}", |p| p == "Failed");
     let state = "{.status.containerStatuses[0].state.terminated.exitCode} {.status.containerStatuses[0].state.terminated.reason} {.status.containerStatuses[0].state.terminated.message} {.status.containerStatuses[0].restartCount}";
@@ -417,6 +435,7 @@ kind: Pod
 metadata: {name: graceful}
 spec:
   nodeName: $NODE
+  restartPolicy: Never
   terminationGracePeriodSeconds: 20
   containers:
   - name: main
@@ -438,6 +457,12 @@ fn graceful_delete_runs_hooks_and_removes_the_sandbox() {
     env.wait_jsonpath("graceful", "{.status.phase}", |p| p == "Running");
     assert_eq!(env.wait_file("poststart", |t| !t.is_empty()), "started\n");
     assert_eq!(env.sandboxes().len(), 1);
+    // A new image replaces the container (restartPolicy does not matter for that).
+    let v2 = env.image.replace(":latest", ":v2");
+    env.c.ok(&["set", "image", "pod/graceful", &format!("main={v2}")]);
+    let replaced = "{.status.containerStatuses[0].restartCount} {.status.containerStatuses[0].state.running.startedAt}";
+    env.wait_jsonpath("graceful", replaced, |s| s.starts_with("1 ") && s.len() > 2);
+    assert_eq!(std::fs::read_to_string(env.host.join("prestop")).unwrap(), "stopping\n");
     let uid = env.jsonpath("graceful", "{.metadata.uid}");
     let started = Instant::now();
     env.c.ok(&["delete", "pod", "graceful", "--timeout=30s"]);
@@ -497,4 +522,79 @@ fn pods_survive_kill_9_of_the_cluster() {
         assert!(Instant::now() < deadline, "sandbox left behind:\n{}", env.c.log());
         std::thread::sleep(Duration::from_millis(100));
     }
+}
+
+#[test]
+fn down_stops_and_removes_pods() {
+    let mut env = Env::start();
+    env.apply("config", CONFIG);
+    env.apply("pod", LONG_POD);
+    env.wait_jsonpath("longrun", "{.status.phase}", |p| p == "Running");
+    // A second pod once the image is present: how fast apply reaches Running.
+    let started = Instant::now();
+    env.apply(
+        "quick",
+        &EXIT_POD
+            .replace("NAME", "quick")
+            .replace("exit CODE", "trap \"exit 0\" TERM; while true; do sleep 1; done"),
+    );
+    env.wait_jsonpath("quick", "{.status.phase}", |p| p == "Running");
+    println!("apply -> Running (image present): {} ms", started.elapsed().as_millis());
+    let monitors = format!("monitor {}", env.c.dir.path().display());
+    assert!(!common::cri::processes_mentioning(&monitors).is_empty());
+    let down = std::process::Command::new(env!("CARGO_BIN_EXE_podvisor"))
+        .arg("down")
+        .arg("--data-dir")
+        .arg(env.c.data_dir())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    // The cluster process is this test's child: reap it so that `down` sees it gone.
+    let status = env.c.wait_exit(WAIT);
+    assert!(status.is_some_and(|s| s.success()), "{status:?}\n{}", env.c.log());
+    let out = down.wait_with_output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stdout));
+    assert!(
+        common::cri::processes_mentioning(&monitors).is_empty(),
+        "{}",
+        env.c.log()
+    );
+    assert!(common::cri::mounts_under(&env.c.data_dir()).is_empty());
+    assert!(
+        !env.c.data_dir().join("agent/pods").exists()
+            || std::fs::read_dir(env.c.data_dir().join("agent/pods"))
+                .unwrap()
+                .next()
+                .is_none()
+    );
+}
+
+/// Measurement, not a check: RSS and CPU of the whole `podvisor up` process
+/// (API server, store, CRI daemon and agent) idling with three running pods.
+#[test]
+#[ignore]
+fn idle_footprint() {
+    let env = Env::start();
+    for name in ["idle-a", "idle-b", "idle-c"] {
+        let pod = EXIT_POD
+            .replace("NAME", name)
+            .replace("exit CODE", "trap \"exit 0\" TERM; while true; do sleep 1; done");
+        env.apply(name, &pod);
+    }
+    for name in ["idle-a", "idle-b", "idle-c"] {
+        env.wait_jsonpath(name, "{.status.phase}", |p| p == "Running");
+    }
+    let pid = env.c.pid();
+    let cpu_ticks = || {
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+        let fields: Vec<&str> = stat.rsplit_once(')').unwrap().1.split_whitespace().collect();
+        fields[11].parse::<u64>().unwrap() + fields[12].parse::<u64>().unwrap()
+    };
+    std::thread::sleep(Duration::from_secs(10));
+    let before = cpu_ticks();
+    std::thread::sleep(Duration::from_secs(60));
+    let ticks = cpu_ticks() - before;
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let rss = status.lines().find(|l| l.starts_with("VmRSS")).unwrap();
+    println!("idle with 3 pods: {rss}; CPU {} ms over 60 s", ticks * 10);
 }

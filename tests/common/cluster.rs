@@ -122,6 +122,19 @@ impl Cluster {
         }
     }
 
+    /// Waits for the cluster process to exit on its own (e.g. after `podvisor down`) and reaps it.
+    pub fn wait_exit(&mut self, timeout: Duration) -> Option<std::process::ExitStatus> {
+        let deadline = Instant::now() + timeout;
+        while Instant::now() < deadline {
+            if let Some(status) = self.child.as_mut().and_then(|c| c.try_wait().ok().flatten()) {
+                self.child = None;
+                return Some(status);
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        None
+    }
+
     pub fn restart(&mut self) {
         self.kill();
         self.launch();

@@ -9,6 +9,7 @@
 mod config;
 mod cri;
 mod env;
+mod health;
 mod images;
 mod machine;
 mod node;

@@ -8,15 +8,18 @@ use std::time::{Duration, Instant};
 
 use k8s_openapi::api::core::v1::Pod;
 
-use super::config::{ANNOTATION_GRACE, log_directory};
+use super::config::{ANNOTATION_GRACE, log_directory, pod_name, pod_namespace};
 use super::cri::{Cri, CriError};
 use super::probes::{Target, run_hook};
+use super::worker::Worker;
 use super::{AgentOptions, Context, labels, volumes};
-use crate::cluster::events::EventType;
+use crate::cluster::events::{EventType, now};
 use crate::cri::proto::runtime as api;
 
 /// Grace for containers of pods that vanished from the API.
 pub const ORPHAN_GRACE: Duration = Duration::from_secs(2);
+/// Pause between attempts of the final DELETE.
+const DELETE_RETRY: Duration = Duration::from_secs(1);
 /// Upper bound of the grace used by `podvisor down`.
 const DOWN_GRACE_CAP: i64 = 30;
 
@@ -173,6 +176,44 @@ pub async fn remove_all(cri: &Cri, options: &AgentOptions) {
     for uid in volumes::known_pods(options) {
         if let Err(err) = volumes::remove(options, &uid) {
             tracing::warn!(pod = %uid, error = %err, "removing the pod's volumes");
+        }
+    }
+}
+
+impl Worker {
+    /// Graceful deletion (or the pod vanished): stop everything, then remove the pod object.
+    pub async fn terminate(&mut self, gone: bool) {
+        self.probers.clear();
+        let grace = if gone {
+            ORPHAN_GRACE
+        } else {
+            let deadline = self.pod.metadata.deletion_timestamp.as_ref().map(|t| t.0.as_second());
+            let left = deadline.map_or(0, |d| d - now().as_second());
+            Duration::from_secs(left.max(0) as u64)
+        };
+        let mut delay = Duration::from_millis(500);
+        while let Err(err) = kill_pod(&self.ctx, Some(&self.pod), &self.uid, grace).await {
+            tracing::warn!(pod = %self.key(), error = %err, "stopping the pod; retrying");
+            tokio::time::sleep(delay).await;
+            delay = (delay * 2).min(Duration::from_secs(10));
+        }
+        if gone {
+            return;
+        }
+        for _ in 0..10 {
+            let namespace = Some(pod_namespace(&self.pod));
+            match self
+                .ctx
+                .client
+                .delete::<Pod>(namespace, pod_name(&self.pod), Some(0))
+                .await
+            {
+                Ok(()) => return,
+                Err(err) => {
+                    tracing::warn!(pod = %self.key(), error = %err, "deleting the pod object");
+                    tokio::time::sleep(DELETE_RETRY).await;
+                }
+            }
         }
     }
 }

@@ -13,13 +13,13 @@ use k8s_openapi::api::node::v1::RuntimeClass;
 use serde_json::json;
 use tokio::sync::{Notify, watch};
 
+use super::Context;
 use super::config::{self, ANNOTATION_HASH, pod_name, pod_namespace};
 use super::cri::CriError;
 use super::images::PullBackoff;
-use super::probes::{self, ProbeState, ProbeStates, Prober};
+use super::probes::{ProbeStates, Prober};
 use super::status::{InitProgress, Observed, Waiting, is_exited, is_running, pod_status};
 use super::volumes::Prepared;
-use super::{Context, teardown};
 use crate::cluster::events::{EventType, now, reference};
 use crate::cri::proto::runtime as api;
 
@@ -93,25 +93,27 @@ pub(super) struct Worker {
     pub ctx: Arc<Context>,
     pub uid: String,
     pub pod: Pod,
-    wake: Arc<Notify>,
+    pub wake: Arc<Notify>,
     pub volumes: HashMap<String, Prepared>,
     volumes_at: Option<Instant>,
     pub sandbox: Option<Sandbox>,
     /// CRI containers of the current sandbox by name, newest attempt first.
-    containers: HashMap<String, Vec<api::ContainerStatus>>,
+    pub containers: HashMap<String, Vec<api::ContainerStatus>>,
     /// Exited containers never change: their status is read once.
     exited: HashMap<String, api::ContainerStatus>,
     pub waiting: HashMap<String, Waiting>,
     restart_backoff: HashMap<String, Duration>,
     pub pulls: PullBackoff,
-    probers: HashMap<String, Prober>,
-    probe_states: ProbeStates,
+    pub probers: HashMap<String, Prober>,
+    pub probe_states: ProbeStates,
     init: InitProgress,
     /// The status last written (or found), for transition times.
-    status: PodStatus,
+    pub status: PodStatus,
     written: Option<serde_json::Value>,
     /// Succeeded or Failed: nothing runs any more.
     terminal: bool,
+    /// When this worker first saw the pod, until a container runs.
+    first_seen: Option<Instant>,
 }
 
 pub async fn run(ctx: Arc<Context>, uid: String, mut updates: watch::Receiver<Target>, wake: Arc<Notify>) {
@@ -135,6 +137,7 @@ pub async fn run(ctx: Arc<Context>, uid: String, mut updates: watch::Receiver<Ta
         init: InitProgress::Running(0),
         written: None,
         terminal: false,
+        first_seen: Some(Instant::now()),
     };
     loop {
         worker.pod = target.pod.clone();
@@ -142,9 +145,22 @@ pub async fn run(ctx: Arc<Context>, uid: String, mut updates: watch::Receiver<Ta
             worker.terminate(target.gone).await;
             break;
         }
-        let next = match worker.sync().await {
-            Ok(next) => next,
-            Err(err) => {
+        // A deletion interrupts whatever the sync is doing (e.g. a long pull).
+        let deleted = |t: &Target| t.gone || t.pod.metadata.deletion_timestamp.is_some();
+        let synced = tokio::select! {
+            synced = worker.sync() => Some(synced),
+            changed = updates.wait_for(deleted) => match changed {
+                Ok(_) => None,
+                Err(_) => return,
+            },
+        };
+        let next = match synced {
+            None => {
+                target = updates.borrow_and_update().clone();
+                continue;
+            }
+            Some(Ok(next)) => next,
+            Some(Err(err)) => {
                 tracing::warn!(pod = %worker.key(), error = %err, "pod sync failed; retrying");
                 Some(Instant::now() + RETRY)
             }
@@ -177,7 +193,7 @@ fn finished_at(c: &api::ContainerStatus) -> SystemTime {
     SystemTime::UNIX_EPOCH + Duration::from_nanos(c.finished_at.max(0) as u64)
 }
 
-fn started_at(c: &api::ContainerStatus) -> SystemTime {
+pub fn started_at(c: &api::ContainerStatus) -> SystemTime {
     SystemTime::UNIX_EPOCH + Duration::from_nanos(c.started_at.max(0) as u64)
 }
 
@@ -198,7 +214,7 @@ impl Worker {
         self.ctx.recorder.emit(object, kind, reason, message);
     }
 
-    fn pod_ip(&self) -> Option<&str> {
+    pub fn pod_ip(&self) -> Option<&str> {
         self.sandbox.as_ref().and_then(|s| s.ip.as_deref())
     }
 
@@ -209,6 +225,7 @@ impl Worker {
         let phase = self.status.phase.as_deref();
         if self.written.is_none() && matches!(phase, Some("Succeeded" | "Failed")) {
             // Finished before this agent started: keep it as it is.
+            self.observe().await?;
             self.finish().await;
             return Ok(None);
         }
@@ -238,6 +255,12 @@ impl Worker {
         }
         self.refresh_containers().await?;
         self.sync_probers();
+        if let Some(seen) = self
+            .first_seen
+            .take_if(|_| self.containers.values().flatten().any(is_running))
+        {
+            tracing::info!(pod = %self.key(), ms = seen.elapsed().as_millis() as u64, "pod running");
+        }
         self.publish_status().await;
         if matches!(self.status.phase.as_deref(), Some("Succeeded" | "Failed")) {
             self.finish().await;
@@ -276,7 +299,11 @@ impl Worker {
             Some(s) if self.sandbox.as_ref().is_some_and(|known| known.id == s.id) => {}
             Some(s) => {
                 let status = cri.sandbox_status(&s.id).await?;
-                let ip = status.network.map(|n| n.ip).filter(|ip| !ip.is_empty());
+                let host_network = self.pod.spec.as_ref().and_then(|s| s.host_network).unwrap_or(false);
+                let ip = match status.network.map(|n| n.ip).filter(|ip| !ip.is_empty()) {
+                    _ if host_network => Some(self.ctx.node_ip.to_string()),
+                    ip => ip,
+                };
                 let attempt = s.metadata.as_ref().map_or(0, |m| m.attempt);
                 let config = config::sandbox_config(&self.ctx.options, &self.ctx.host_dns, &self.pod, attempt);
                 self.sandbox = Some(Sandbox {
@@ -289,7 +316,7 @@ impl Worker {
         self.refresh_containers().await
     }
 
-    async fn refresh_containers(&mut self) -> Result<(), CriError> {
+    pub async fn refresh_containers(&mut self) -> Result<(), CriError> {
         self.containers.clear();
         let Some(sandbox) = &self.sandbox else {
             return Ok(());
@@ -427,7 +454,8 @@ impl Worker {
                 let message = format!("Container {name} definition changed, will be restarted");
                 self.kill_container(container, &latest.id, message, None).await;
                 self.restart_backoff.remove(&name);
-                self.wake.notify_one();
+                // Back at once with the new definition, whatever the restart policy.
+                return Ok(self.start(container, attempt(&latest) + 1).await);
             }
             return Ok(Outcome::Running);
         }
@@ -493,135 +521,7 @@ impl Worker {
         }
     }
 
-    /// Stops a container (preStop hook first) so that the restart policy takes over.
-    pub async fn kill_container(&mut self, container: &Container, id: &str, message: String, grace: Option<i64>) {
-        self.emit(Some(&container.name), EventType::Normal, "Killing", message);
-        let grace = grace
-            .or_else(|| self.pod.spec.as_ref().and_then(|s| s.termination_grace_period_seconds))
-            .unwrap_or(30)
-            .max(0);
-        if let Some(hook) = container.lifecycle.as_ref().and_then(|l| l.pre_stop.as_ref()) {
-            let target = self.probe_target(container, id);
-            if let Err(message) = probes::run_hook(&self.ctx, &target, hook, Duration::from_secs(grace as u64)).await {
-                let text = format!("PreStopHook failed: {message}");
-                self.emit(Some(&container.name), EventType::Warning, "FailedPreStopHook", text);
-            }
-        }
-        if let Err(err) = self.ctx.cri.stop_container(id, grace).await {
-            tracing::warn!(pod = %self.key(), container = id, error = %err, "stopping a container");
-        }
-        self.probers.remove(id);
-        self.probe_states.lock().unwrap().remove(id);
-    }
-
-    pub fn probe_target(&self, container: &Container, id: &str) -> probes::Target {
-        probes::Target {
-            container_id: id.into(),
-            container: container.clone(),
-            host: probe_host(&self.ctx, &self.pod, self.pod_ip()),
-            reference: container_reference(&self.pod, &container.name),
-        }
-    }
-
-    fn spec_container(&self, name: &str) -> Option<(Container, bool)> {
-        let spec = self.pod.spec.clone().unwrap_or_default();
-        if let Some(c) = spec.containers.into_iter().find(|c| c.name == name) {
-            return Some((c, false));
-        }
-        spec.init_containers
-            .into_iter()
-            .flatten()
-            .find(|c| c.name == name)
-            .map(|c| (c, true))
-    }
-
-    /// Restarts containers whose liveness or startup probe gave up on them.
-    async fn kill_failed_probes(&mut self) {
-        let failed: Vec<(String, String)> = self
-            .probe_states
-            .lock()
-            .unwrap()
-            .iter()
-            .filter_map(|(id, s)| s.failed.clone().map(|m| (id.clone(), m)))
-            .collect();
-        for (id, message) in failed {
-            let found = self
-                .containers
-                .values()
-                .flatten()
-                .find(|c| c.id == id && is_running(c))
-                .cloned();
-            let name = found.as_ref().and_then(|c| c.metadata.as_ref()).map(|m| m.name.clone());
-            match name.and_then(|n| self.spec_container(&n)) {
-                Some((container, _)) => {
-                    let grace = container
-                        .liveness_probe
-                        .as_ref()
-                        .and_then(|p| p.termination_grace_period_seconds);
-                    self.kill_container(&container, &id, message, grace).await;
-                    self.refresh_containers().await.ok();
-                }
-                None => {
-                    self.probe_states.lock().unwrap().remove(&id);
-                }
-            }
-        }
-    }
-
-    /// Keeps one prober per running container with probes (regular init containers have none).
-    fn sync_probers(&mut self) {
-        let running: Vec<(api::ContainerStatus, Container)> = self
-            .containers
-            .values()
-            .flatten()
-            .filter(|c| is_running(c))
-            .filter_map(|c| {
-                let name = c.metadata.as_ref()?.name.clone();
-                let (spec, is_init) = self.spec_container(&name)?;
-                (!is_init || spec.restart_policy.as_deref() == Some("Always")).then(|| (c.clone(), spec))
-            })
-            .collect();
-        self.probers.retain(|id, _| running.iter().any(|(c, _)| &c.id == id));
-        self.probe_states
-            .lock()
-            .unwrap()
-            .retain(|id, _| self.containers.values().flatten().any(|c| &c.id == id));
-        for (status, spec) in running {
-            if self.probers.contains_key(&status.id) {
-                continue;
-            }
-            // Adopted after a restart: keep the readiness the status already shows.
-            let container_id = format!("{}://{}", self.ctx.runtime_name, status.id);
-            let known_ready = self
-                .status
-                .container_statuses
-                .iter()
-                .chain(self.status.init_container_statuses.iter())
-                .flatten()
-                .any(|s| s.container_id.as_deref() == Some(&container_id) && s.ready);
-            if known_ready {
-                self.probe_states.lock().unwrap().insert(
-                    status.id.clone(),
-                    ProbeState {
-                        started: true,
-                        ready: true,
-                        failed: None,
-                    },
-                );
-            }
-            let target = self.probe_target(&spec, &status.id);
-            let prober = probes::start(
-                self.ctx.clone(),
-                target,
-                started_at(&status),
-                self.probe_states.clone(),
-                self.wake.clone(),
-            );
-            self.probers.insert(status.id.clone(), prober);
-        }
-    }
-
-    async fn publish_status(&mut self) {
+    pub async fn publish_status(&mut self) {
         let probes = self.probe_states.lock().unwrap().clone();
         let host_ip = self.ctx.node_ip.to_string();
         let status = pod_status(&Observed {
@@ -673,42 +573,6 @@ impl Worker {
             && let Err(err) = self.ctx.cri.stop_sandbox(&sandbox.id).await
         {
             tracing::warn!(pod = %self.key(), error = %err, "stopping the sandbox of a finished pod");
-        }
-    }
-
-    /// Graceful deletion (or the pod vanished): stop everything, then remove the pod object.
-    async fn terminate(&mut self, gone: bool) {
-        self.probers.clear();
-        let grace = if gone {
-            teardown::ORPHAN_GRACE
-        } else {
-            let deadline = self.pod.metadata.deletion_timestamp.as_ref().map(|t| t.0.as_second());
-            let left = deadline.map_or(0, |d| d - now().as_second());
-            Duration::from_secs(left.max(0) as u64)
-        };
-        let mut delay = Duration::from_millis(500);
-        while let Err(err) = teardown::kill_pod(&self.ctx, Some(&self.pod), &self.uid, grace).await {
-            tracing::warn!(pod = %self.key(), error = %err, "stopping the pod; retrying");
-            tokio::time::sleep(delay).await;
-            delay = (delay * 2).min(Duration::from_secs(10));
-        }
-        if gone {
-            return;
-        }
-        for _ in 0..10 {
-            let namespace = Some(pod_namespace(&self.pod));
-            match self
-                .ctx
-                .client
-                .delete::<Pod>(namespace, pod_name(&self.pod), Some(0))
-                .await
-            {
-                Ok(()) => return,
-                Err(err) => {
-                    tracing::warn!(pod = %self.key(), error = %err, "deleting the pod object");
-                    tokio::time::sleep(RETRY).await;
-                }
-            }
         }
     }
 }
