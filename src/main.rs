@@ -75,6 +75,10 @@ enum Command {
         /// Where the node agent writes container logs.
         #[arg(long, default_value = podvisor::cluster::agent::DEFAULT_POD_LOG_DIR)]
         pod_log_dir: PathBuf,
+        /// Run only the API server, scheduler and controllers (no CRI daemon,
+        /// no node agent here).
+        #[arg(long)]
+        control_plane_only: bool,
         /// Socket for the in-process CRI daemon.
         #[arg(long, default_value = DEFAULT_ENDPOINT)]
         listen: String,
@@ -172,6 +176,7 @@ fn up_options(command: &Command) -> Option<podvisor::cluster::up::UpOptions> {
         api_address,
         runtime_endpoint,
         node_name,
+        control_plane_only,
         kubelet_port,
         pod_log_dir,
         listen,
@@ -206,6 +211,7 @@ fn up_options(command: &Command) -> Option<podvisor::cluster::up::UpOptions> {
             ..Default::default()
         },
         kubelet_port: *kubelet_port,
+        control_plane_only: *control_plane_only,
         pod_log_dir: pod_log_dir.clone(),
     })
 }

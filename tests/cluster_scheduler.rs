@@ -108,7 +108,7 @@ fn wait_events(c: &Cluster, pod: &str, reason: &str) -> String {
 
 #[test]
 fn pods_go_to_ready_nodes_and_wait_for_room() {
-    let c = Cluster::start();
+    let c = Cluster::start_with(&["--control-plane-only"], "");
     let mut not_ready = node("sick", "16", json!({}));
     not_ready["status"]["conditions"][0]["status"] = json!("False");
     apply(&c, &[node("small", "2", json!({})), not_ready]);
@@ -165,7 +165,7 @@ fn pods_go_to_ready_nodes_and_wait_for_room() {
 
 #[test]
 fn selectors_affinity_and_taints_pick_the_node() {
-    let c = Cluster::start();
+    let c = Cluster::start_with(&["--control-plane-only"], "");
     let mut gpu = node("gpu", "4", json!({"gpu": "true", "zone": "east"}));
     gpu["spec"]["taints"] = json!([{"key": "dedicated", "value": "gpu", "effect": "NoSchedule"}]);
     apply(
@@ -250,7 +250,7 @@ fn selectors_affinity_and_taints_pick_the_node() {
 
 #[test]
 fn cordons_host_ports_and_runtime_classes() {
-    let c = Cluster::start();
+    let c = Cluster::start_with(&["--control-plane-only"], "");
     apply(
         &c,
         &[
@@ -327,7 +327,7 @@ fn nodes_of_four(c: &Cluster) -> Vec<String> {
 
 #[test]
 fn spread_is_the_default() {
-    let c = Cluster::start();
+    let c = Cluster::start_with(&["--control-plane-only"], "");
     apply(&c, &[node("a", "4", json!({})), node("b", "4", json!({}))]);
     // Applied together, so the scheduler must count the pods it just bound.
     apply(&c, &four_pods());
@@ -336,7 +336,7 @@ fn spread_is_the_default() {
 
 #[test]
 fn binpack_fills_one_node_first() {
-    let c = Cluster::start_with(&["--scheduler-strategy", "binpack"], "");
+    let c = Cluster::start_with(&["--control-plane-only", "--scheduler-strategy", "binpack"], "");
     apply(&c, &[node("a", "4", json!({})), node("b", "4", json!({}))]);
     apply(&c, &four_pods());
     assert_eq!(nodes_of_four(&c), ["a", "a", "a", "a"]);
@@ -346,7 +346,7 @@ fn binpack_fills_one_node_first() {
 
 #[test]
 fn a_stale_lease_makes_the_node_unreachable() {
-    let c = Cluster::start_with(&["--node-monitor-grace-period", "3s"], "");
+    let c = Cluster::start_with(&["--control-plane-only", "--node-monitor-grace-period", "3s"], "");
     let lease = |renewed: String| {
         json!({"apiVersion": "coordination.k8s.io/v1", "kind": "Lease",
                "metadata": {"name": "n1", "namespace": "kube-node-lease"},
@@ -407,7 +407,7 @@ fn a_stale_lease_makes_the_node_unreachable() {
 
 #[test]
 fn pods_of_a_deleted_node_are_collected() {
-    let c = Cluster::start();
+    let c = Cluster::start_with(&["--control-plane-only"], "");
     apply(&c, &[node("doomed", "4", json!({})), node("stays", "4", json!({}))]);
     let on_doomed = json!({"affinity": {"nodeAffinity": {"requiredDuringSchedulingIgnoredDuringExecution": {
         "nodeSelectorTerms": [{"matchFields": [{"key": "metadata.name", "operator": "In", "values": ["doomed"]}]}]}}}});

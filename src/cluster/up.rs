@@ -44,6 +44,9 @@ pub struct UpOptions {
     pub controllers: crate::cluster::controllers::Settings,
     /// The node agent's API port; None tries 10250 and falls back to a free port.
     pub kubelet_port: Option<u16>,
+    /// Only the API server, scheduler and controllers: no CRI daemon and no
+    /// node agent on this machine (nodes join from elsewhere).
+    pub control_plane_only: bool,
     /// Where the node agent keeps container logs.
     pub pod_log_dir: PathBuf,
 }
@@ -93,39 +96,45 @@ pub fn node_name() -> String {
 /// until the cluster stops.
 pub struct Components {
     tasks: Vec<tokio::task::JoinHandle<()>>,
-    agent: Agent,
+    agent: Option<Agent>,
 }
 
 impl Components {
-    fn start(client: &Client, options: &UpOptions, agent_port: u16) -> Self {
+    fn start(client: &Client, options: &UpOptions, agent_port: Option<u16>) -> Self {
         let mut tasks = vec![crate::cluster::scheduler::spawn(
             client.clone(),
             options.scheduler_strategy,
         )];
         tasks.extend(crate::cluster::controllers::spawn_all(client, &options.controllers));
-        let agent = Agent::start(
-            client.clone(),
-            AgentOptions {
-                node_name: options.node_name.clone(),
-                runtime_endpoint: options.endpoint(),
-                state_dir: options.data_dir.join("agent"),
-                pod_log_dir: options.pod_log_dir.clone(),
-                storage_dir: options.daemon.root.clone(),
-                cluster_dns: None,
-                cluster_domain: "cluster.local".into(),
-                api_port: Some(agent_port),
-            },
-        );
+        let agent = agent_port.map(|port| {
+            Agent::start(
+                client.clone(),
+                AgentOptions {
+                    node_name: options.node_name.clone(),
+                    runtime_endpoint: options.endpoint(),
+                    state_dir: options.data_dir.join("agent"),
+                    pod_log_dir: options.pod_log_dir.clone(),
+                    storage_dir: options.daemon.root.clone(),
+                    cluster_dns: None,
+                    cluster_domain: "cluster.local".into(),
+                    api_port: Some(port),
+                },
+            )
+        });
         Components { tasks, agent }
     }
 
     /// Removes every pod the node agent ran (for `down`).
     async fn remove_pods(&self) {
-        self.agent.remove_pods().await;
+        if let Some(agent) = &self.agent {
+            agent.remove_pods().await;
+        }
     }
 
     fn stop(self) {
-        self.agent.stop();
+        if let Some(agent) = self.agent {
+            agent.stop();
+        }
         for task in self.tasks {
             task.abort();
         }
@@ -142,6 +151,7 @@ pub async fn run_foreground(options: UpOptions, shutdown: impl Future<Output = (
 
     let (stop_daemon, daemon_stopped) = tokio::sync::oneshot::channel::<()>();
     let daemon = match &options.runtime_endpoint {
+        _ if options.control_plane_only => None,
         Some(_) => None,
         None => {
             let daemon_options = options.daemon.clone();
@@ -159,25 +169,31 @@ pub async fn run_foreground(options: UpOptions, shutdown: impl Future<Output = (
 
     let api_dir = options.data_dir.join("apiserver");
     let credentials = tls::load_or_create(&api_dir)?;
-    let (agent_addr, agent_task) = start_agent_server(&options, &credentials).await?;
+    let agent_server = match options.control_plane_only {
+        true => None,
+        false => Some(start_agent_server(&options, &credentials).await?),
+    };
+    let agent_addr = agent_server.as_ref().map(|(addr, _)| *addr);
     let mut api_config = ApiConfig::new(api_dir);
     api_config.addr = options.api_address;
-    api_config.hooks.node_proxy = Some(Arc::new(
-        KubeletProxy::new(&credentials.ca_pem, &credentials.token)?.with_local_node(&options.node_name, agent_addr),
-    ));
+    let mut proxy = KubeletProxy::new(&credentials.ca_pem, &credentials.token)?;
+    if let Some(addr) = agent_addr {
+        proxy = proxy.with_local_node(&options.node_name, addr);
+    }
+    api_config.hooks.node_proxy = Some(Arc::new(proxy));
     let api = ApiServer::start(api_config)
         .await
         .with_context(|| format!("starting the API server on {}", options.api_address))?;
     write_kubeconfig(&options.kubeconfig, &api.kubeconfig())?;
     let client = Client::new(&api.url, &api.ca_pem, &api.token)?;
-    let components = Components::start(&client, &options, agent_addr.port());
+    let components = Components::start(&client, &options, agent_addr.map(|a| a.port()));
     std::fs::write(options.data_dir.join(READY_FILE), api.url.as_bytes())?;
     tracing::info!(
         api = %api.url,
         kubeconfig = %options.kubeconfig.display(),
         runtime = %options.endpoint(),
         node = %options.node_name,
-        node_agent = %agent_addr,
+        node_agent = ?agent_addr,
         ms = started.elapsed().as_millis() as u64,
         "podvisor cluster up"
     );
@@ -189,7 +205,9 @@ pub async fn run_foreground(options: UpOptions, shutdown: impl Future<Output = (
     }
     components.stop();
     api.stop();
-    agent_task.abort();
+    if let Some((_, task)) = agent_server {
+        task.abort();
+    }
     if let Some(task) = daemon {
         let _ = stop_daemon.send(());
         task.await
