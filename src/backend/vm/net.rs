@@ -89,7 +89,8 @@ pub fn read_pod_net(netns: &Path, resolv_conf: &Path) -> Result<PodNet, VmError>
         .ok_or_else(|| VmError::Invalid("unreadable pod address".into()))?;
     let prefix = addr["prefixlen"].as_u64().unwrap_or(32) as u8;
     let mtu = link["mtu"].as_u64().unwrap_or(1500) as u32;
-    let mac = link["address"].as_str().unwrap_or_default().to_string();
+    let links = json(&ip_in(netns, &["-j", "link", "show", "dev", POD_INTERFACE])?)?;
+    let mac = links[0]["address"].as_str().unwrap_or_default().to_string();
     let mut gateway = None;
     let mut routes = Vec::new();
     for route in json(&ip_in(netns, &["-j", "-4", "route", "show"])?)?

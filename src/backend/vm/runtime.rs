@@ -221,6 +221,9 @@ impl VmBackend {
             _ => self.config.default_memory_mib,
         };
         let accel = self.hypervisor()?.accel;
+        if let Some(parent) = plan.log_path.parent().filter(|p| !p.as_os_str().is_empty()) {
+            std::fs::create_dir_all(parent).map_err(VmError::io(format!("creating {}", parent.display())))?;
+        }
         let dir = self.dir.join(&plan.container_id[..plan.container_id.len().min(12)]);
         std::fs::create_dir_all(&dir).map_err(VmError::io(format!("creating {}", dir.display())))?;
         let result = self.create_in(plan, &dir, image, vcpus, memory_mib, root_size, accel);
