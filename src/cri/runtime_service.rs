@@ -668,7 +668,11 @@ impl RuntimeServiceImpl {
             linux: Some(cri::LinuxPodSandboxStats {
                 cpu: Some(self.cpu_usage(&record.id, now, &stats)),
                 memory: Some(memory_usage(now, &stats)),
-                network: record.runtime.netns.as_deref().map(|netns| network_usage(now, netns)),
+                network: record
+                    .runtime
+                    .netns
+                    .as_deref()
+                    .map(|netns| network_usage(now, self.manager.sandbox_interfaces(netns))),
                 process: Some(cri::ProcessUsage {
                     timestamp: now,
                     process_count: Some(cri::UInt64Value {
@@ -697,9 +701,9 @@ impl RuntimeServiceImpl {
 }
 
 /// The pod's interface counters; `eth0` (the pods' interface) is the default one.
-fn network_usage(now: i64, netns: &std::path::Path) -> cri::NetworkUsage {
+fn network_usage(now: i64, counters: Vec<crate::backend::linux::sandbox::InterfaceCounters>) -> cri::NetworkUsage {
     let value = |value: u64| Some(cri::UInt64Value { value });
-    let interfaces: Vec<cri::NetworkInterfaceUsage> = crate::backend::linux::sandbox::interface_counters(netns)
+    let interfaces: Vec<cri::NetworkInterfaceUsage> = counters
         .into_iter()
         .map(|c| cri::NetworkInterfaceUsage {
             name: c.name,

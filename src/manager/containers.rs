@@ -476,6 +476,14 @@ impl Manager {
         self.inner.linux.stats(&record.runtime.cgroup_path)
     }
 
+    /// Interface counters inside a pod's network namespace.
+    pub fn sandbox_interfaces(
+        &self,
+        netns: &std::path::Path,
+    ) -> Vec<crate::backend::linux::sandbox::InterfaceCounters> {
+        crate::backend::linux::sandbox::interface_counters(netns)
+    }
+
     pub fn sandbox_stats(&self, cgroup_path: &str) -> Option<crate::cgroups::Stats> {
         self.inner.linux.stats(cgroup_path)
     }

@@ -61,8 +61,9 @@ impl Manager {
         let known_containers: std::collections::HashSet<String> = self.containers().keys().cloned().collect();
         for (id, dir) in self.inner.linux.orphan_sandboxes(&known_sandboxes) {
             self.inner.network.detach_orphan(&id, &dir).await;
+            self.inner.linux.remove_orphan_sandbox(&id);
         }
-        self.inner.linux.sweep_orphans(&known_sandboxes, &known_containers);
+        self.inner.linux.remove_orphan_containers(&known_containers);
         self.sweep_vm_orphans().await;
         self.inner.network.start().await;
         let sandboxes = self.sandboxes().len();

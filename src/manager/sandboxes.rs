@@ -105,20 +105,15 @@ impl Manager {
         let Some(mut record) = self.sandboxes().get(&id).cloned() else {
             return Ok(());
         };
+        if record.network.is_none() && record.state == SandboxState::NotReady {
+            return Ok(());
+        }
         if let Some(network) = &record.network {
             self.inner
                 .network
                 .detach(&id, record.runtime.netns.as_deref(), network)
                 .await?;
             record.network = None;
-            self.inner
-                .store
-                .save_sandbox(&record)
-                .map_err(store_error("saving sandbox record"))?;
-            self.sandboxes().insert(id.clone(), record.clone());
-        }
-        if record.state == SandboxState::NotReady {
-            return Ok(());
         }
         self.inner.linux.stop_sandbox(&record.runtime);
         record.state = SandboxState::NotReady;

@@ -8,7 +8,7 @@
 pub mod builtin;
 pub mod cni;
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::Mutex;
 use std::time::Duration;
 
@@ -72,13 +72,6 @@ impl NetworkAttachment {
                 .iter()
                 .flat_map(|a| std::iter::once(a.ipv4.to_string()).chain(a.ipv6.map(|ip| ip.to_string())))
                 .collect(),
-        }
-    }
-
-    pub fn kind(&self) -> &'static str {
-        match self {
-            NetworkAttachment::Cni { .. } => "cni",
-            NetworkAttachment::Builtin { .. } => "builtin",
         }
     }
 }
@@ -286,10 +279,6 @@ impl PodNetwork {
                 tracing::warn!(sandbox = %sandbox_id, error = %crate::error_chain(&err), "detaching an orphaned sandbox");
             }
         }
-    }
-
-    pub fn cni_conf_dir(&self) -> &PathBuf {
-        &self.config.cni_conf_dir
     }
 }
 

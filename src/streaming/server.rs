@@ -551,7 +551,6 @@ async fn serve_http<S>(inner: Arc<Inner>, stream: S)
 where
     S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
-    let tcp = stream;
     let service = service_fn(move |req| {
         let inner = inner.clone();
         async move { Ok::<_, Infallible>(inner.handle(req)) }
@@ -559,7 +558,7 @@ where
     let conn = http1::Builder::new()
         .timer(TokioTimer::new())
         .header_read_timeout(Duration::from_secs(30))
-        .serve_connection(TokioIo::new(tcp), service)
+        .serve_connection(TokioIo::new(stream), service)
         .with_upgrades();
     if let Err(e) = conn.await {
         tracing::debug!(error = %e, "streaming http connection ended with an error");

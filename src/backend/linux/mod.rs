@@ -362,56 +362,41 @@ impl LinuxBackend {
         .map_err(|e| LinuxError::Sys("signalling the container monitor", e))
     }
 
-    /// Removes what a crash left between making a sandbox or container and
-    /// recording it: state directories, writable layers and podvisor's own
-    /// cgroups whose ids no record knows.
-    /// Sandbox directories whose ids no record knows, as (id, directory).
+    /// Sandbox directories whose ids no record knows (a crash between making a
+    /// sandbox and recording it), as (id, directory).
     pub fn orphan_sandboxes(&self, sandboxes: &HashSet<String>) -> Vec<(String, PathBuf)> {
-        std::fs::read_dir(self.state_dir.join("sandboxes"))
-            .map(|entries| {
-                entries
-                    .filter_map(|e| e.ok())
-                    .filter_map(|e| e.file_name().into_string().ok())
-                    .filter(|id| !sandboxes.contains(id))
-                    .map(|id| (id.clone(), self.sandbox_dir(&id)))
-                    .collect()
+        dir_entries(&self.state_dir.join("sandboxes"))
+            .into_iter()
+            .filter(|id| !sandboxes.contains(id))
+            .map(|id| {
+                let dir = self.sandbox_dir(&id);
+                (id, dir)
             })
-            .unwrap_or_default()
+            .collect()
     }
 
-    pub fn sweep_orphans(&self, sandboxes: &HashSet<String>, containers: &HashSet<String>) {
-        let entries = |dir: &Path| -> Vec<String> {
-            std::fs::read_dir(dir)
-                .map(|entries| {
-                    entries
-                        .filter_map(|e| e.ok())
-                        .filter_map(|e| e.file_name().into_string().ok())
-                        .collect()
-                })
-                .unwrap_or_default()
-        };
-        for id in entries(&self.state_dir.join("sandboxes")) {
-            if !sandboxes.contains(&id) {
-                tracing::info!(sandbox = %id, "removing a sandbox left without a record");
-                let dir = self.sandbox_dir(&id);
-                self.remove_sandbox(&SandboxRuntime {
-                    shm: Some(dir.join("shm")),
-                    dir,
-                    cgroup_path: Self::sandbox_cgroup_path("", &id),
-                    owns_cgroup: true,
-                    ..Default::default()
-                });
-            }
-        }
-        let mut ids = entries(&self.state_dir.join("containers"));
-        ids.extend(entries(&self.rw_root));
+    /// Removes an orphaned sandbox's namespaces, files and podvisor's own pod cgroup.
+    pub fn remove_orphan_sandbox(&self, id: &str) {
+        tracing::info!(sandbox = %id, "removing a sandbox left without a record");
+        let dir = self.sandbox_dir(id);
+        self.remove_sandbox(&SandboxRuntime {
+            shm: Some(dir.join("shm")),
+            dir,
+            cgroup_path: Self::sandbox_cgroup_path("", id),
+            owns_cgroup: true,
+            ..Default::default()
+        });
+    }
+
+    /// Removes container bundles and writable layers whose ids no record knows.
+    pub fn remove_orphan_containers(&self, containers: &HashSet<String>) {
+        let mut ids = dir_entries(&self.state_dir.join("containers"));
+        ids.extend(dir_entries(&self.rw_root));
         ids.sort();
         ids.dedup();
-        for id in ids {
-            if !containers.contains(&id) {
-                tracing::info!(container = %id, "removing a container left without a record");
-                self.remove_container_files(&self.bundle_dir(&id), &self.rw_dir(&id), "");
-            }
+        for id in ids.into_iter().filter(|id| !containers.contains(id)) {
+            tracing::info!(container = %id, "removing a container left without a record");
+            self.remove_container_files(&self.bundle_dir(&id), &self.rw_dir(&id), "");
         }
     }
 
@@ -525,6 +510,18 @@ impl LinuxBackend {
             exit_code,
         })
     }
+}
+
+/// Names of the entries of `dir` (none when it cannot be read).
+fn dir_entries(dir: &Path) -> Vec<String> {
+    std::fs::read_dir(dir)
+        .map(|entries| {
+            entries
+                .filter_map(|e| e.ok())
+                .filter_map(|e| e.file_name().into_string().ok())
+                .collect()
+        })
+        .unwrap_or_default()
 }
 
 fn differs_from_ours(pid: i32, ns: &str) -> bool {
