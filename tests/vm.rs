@@ -143,13 +143,17 @@ async fn http_get(ip: &str) -> Option<String> {
     Some(body)
 }
 
-async fn wait_http(ip: &str, timeout: Duration) -> String {
+/// Retries until the VM serves its page on `ip`; `when` names the check in the failure.
+async fn wait_http(ip: &str, timeout: Duration, when: &str) -> String {
     let deadline = Instant::now() + timeout;
     loop {
         if let Some(body) = http_get(ip).await.filter(|b| b.contains(INDEX_HTML)) {
             return body;
         }
-        assert!(Instant::now() < deadline, "the VM did not answer HTTP on {ip}");
+        assert!(
+            Instant::now() < deadline,
+            "the VM did not answer HTTP on {ip} within {timeout:?} {when}"
+        );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
@@ -197,7 +201,7 @@ async fn vm_pod_lifecycle() {
         .expect("CreateContainer (containerDisk)");
     fixture.start_container(&id).await.expect("StartContainer");
     let ip = pod_ip(&fixture, &pod).await;
-    wait_http(&ip, Duration::from_secs(120)).await;
+    wait_http(&ip, Duration::from_secs(120), "after its boot").await;
     let to_http = started.elapsed();
     eprintln!("MEASURE RunPodSandbox -> HTTP answer on the pod IP: {to_http:?}");
 
@@ -254,6 +258,30 @@ async fn vm_pod_lifecycle() {
     assert_eq!(String::from_utf8_lossy(&out.stdout), "hello-exec\n");
     assert_eq!(out.exit_code, 3);
 
+    // The guest's broadcasts come straight back into the pod from the node's
+    // bridge (its pod ports are in hairpin mode). The pod's bridge must not
+    // take them to mean that the VM's MAC is behind eth0: the gateway's ARP
+    // replies, and then the node's TCP, would be dropped there until the
+    // node's neighbour entry timed out (tens of seconds).
+    let out = fixture
+        .exec(
+            &id,
+            &[
+                "/bin/sh",
+                "-c",
+                "set -- $(ip -4 route show default); arping -c 3 -w 6 -I eth0 \"$3\"",
+            ],
+        )
+        .await;
+    assert_eq!(
+        out.exit_code,
+        0,
+        "the guest's ARP requests to its gateway got no reply: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    wait_http(&ip, Duration::from_secs(10), "after the guest's broadcasts").await;
+
     // Streaming sessions into VMs are refused clearly (never run on the node).
     let mut runtime = fixture.runtime().await;
     let err = runtime
@@ -296,14 +324,13 @@ async fn vm_pod_lifecycle() {
 
     // kill -9 of the daemon: the VM keeps running and is reported running.
     fixture.daemon.kill();
-    // (TCG guests answer slowly on a loaded machine: give it time, not a single try.)
-    wait_http(&ip, Duration::from_secs(30)).await;
+    wait_http(&ip, Duration::from_secs(10), "after kill -9 of the daemon").await;
     fixture.daemon.restart().await;
     let status = fixture.status(&id).await;
     assert_eq!(status.state, cri::ContainerState::ContainerRunning as i32);
     let out = fixture.exec(&id, &["/bin/sh", "-c", "echo again"]).await;
     assert_eq!(String::from_utf8_lossy(&out.stdout), "again\n");
-    wait_http(&ip, Duration::from_secs(10)).await;
+    wait_http(&ip, Duration::from_secs(10), "after the daemon's restart").await;
 
     // Graceful stop: ACPI, the guest powers off, exit code 0.
     fixture

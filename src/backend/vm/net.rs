@@ -9,6 +9,8 @@
 //! - there, `eth0` and the tap become ports of a bridge `br0`; `eth0` gives
 //!   its IPv4 address up (the VM owns it now) and its MAC (the VM NIC takes
 //!   it; `eth0` gets a new one), so the node's neighbour entries stay right;
+//!   the bridge learns no addresses on `eth0`, where the node's bridge
+//!   (hairpin mode) echoes the VM's own broadcasts back;
 //! - the VM helper's DHCP server (see [`super::dhcp`]) leases it the pod IP.
 
 use std::net::Ipv4Addr;
@@ -189,6 +191,30 @@ pub fn join_pod(netns: &Path, tap: &str, net: &PodNet) -> Result<(), VmError> {
     ip_in(
         netns,
         &["link", "set", "dev", POD_INTERFACE, "master", POD_BRIDGE, "up"],
+    )?;
+    // No address learning on `eth0`: its peer is a port of the node's bridge,
+    // which is normally in hairpin mode (so pods reach themselves through
+    // NAT'd addresses) and so sends every broadcast and multicast of the VM
+    // (ARP, DHCP, IPv6 DAD and router solicitations) straight back. Learning
+    // from those echoes would move the VM's MAC to `eth0`, and `br0` would
+    // then drop whatever comes in on `eth0` for the VM (the gateway's ARP
+    // replies, the node's TCP) until the VM sent a unicast frame again; a VM
+    // that only answers waits for the node's neighbour entry for the pod IP
+    // to time out and the node to ask by broadcast: tens of seconds. With
+    // two ports nothing needs learning there: what the tap sends to unknown
+    // addresses goes to `eth0` anyway.
+    ip_in(
+        netns,
+        &[
+            "link",
+            "set",
+            "dev",
+            POD_INTERFACE,
+            "type",
+            "bridge_slave",
+            "learning",
+            "off",
+        ],
     )?;
     ip_in(
         netns,
