@@ -15,6 +15,29 @@ pub struct Config {
     pub registry: RegistryConfig,
     pub network: NetworkConfig,
     pub streaming: StreamingConfig,
+    pub vm: VmConfig,
+}
+
+/// The VM-pod backend (runtime handler `vm`).
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct VmConfig {
+    /// `auto` (KVM when a test domain really runs on it, else TCG), `kvm` or `tcg`. Default: `auto`.
+    pub hypervisor: String,
+    /// The libvirt connection. Default: `qemu:///system`.
+    pub libvirt_uri: String,
+    /// Guest memory when the container has no memory limit, in MiB. Default: 512.
+    pub default_memory_mib: u64,
+}
+
+impl Default for VmConfig {
+    fn default() -> Self {
+        VmConfig {
+            hypervisor: "auto".into(),
+            libvirt_uri: "qemu:///system".into(),
+            default_memory_mib: 512,
+        }
+    }
 }
 
 /// The HTTP server behind the URLs that Exec, Attach and PortForward return.
@@ -209,6 +232,15 @@ impl Config {
         }
         if self.streaming.tls_cert.is_some() != self.streaming.tls_key.is_some() {
             return Err("streaming.tls_cert and streaming.tls_key go together".into());
+        }
+        if !["auto", "kvm", "tcg"].contains(&self.vm.hypervisor.as_str()) {
+            return Err(format!(
+                "vm.hypervisor {:?} must be auto, kvm or tcg",
+                self.vm.hypervisor
+            ));
+        }
+        if self.vm.default_memory_mib < 16 {
+            return Err("vm.default_memory_mib must be at least 16".into());
         }
         if self.network.cni_timeout_seconds == 0 {
             return Err("network.cni_timeout_seconds must be at least 1".into());

@@ -73,9 +73,10 @@ pub async fn run(options: DaemonOptions, shutdown: impl Future<Output = ()> + Se
     let images = ImageStore::open(&options.root, config.registry.clone()).map_err(DaemonError::Images)?;
     let network =
         crate::network::PodNetwork::new(&config.network, &options.state).map_err(|e| DaemonError::Manager(e.into()))?;
-    let manager = crate::manager::Manager::new(images.clone(), network, &options.root, &options.state)
+    let manager = crate::manager::Manager::new(images.clone(), network, &options.root, &options.state, &config.vm)
         .await
         .map_err(DaemonError::Manager)?;
+    manager.probe_hypervisor();
     // Only now do containers' pins protect the image content they use.
     images.collect_garbage().map_err(DaemonError::Images)?;
     let address = config.streaming.address;

@@ -117,6 +117,9 @@ enum Command {
     /// Internal: the init of a pod-wide PID namespace.
     #[command(hide = true)]
     PodInit,
+    /// Internal: a VM's console relay and DHCP server.
+    #[command(hide = true)]
+    VmHelper { config: PathBuf },
     /// Internal: makes a pod's user namespace and the namespaces it owns.
     #[command(hide = true)]
     UsernsHolder { kinds: String },
@@ -138,6 +141,9 @@ fn main() -> std::process::ExitCode {
     if args.len() == 3 && args[1] == "monitor" {
         podvisor::backend::linux::monitor::run(std::path::Path::new(&args[2]))
     }
+    if args.len() == 3 && args[1] == "vm-helper" {
+        podvisor::backend::vm::helper::main(std::path::Path::new(&args[2]))
+    }
     if args.len() == 2 && args[1] == "pod-init" {
         podvisor::backend::linux::sandbox::pod_init_main()
     }
@@ -153,6 +159,7 @@ fn main() -> std::process::ExitCode {
         Command::Monitor { bundle } => podvisor::backend::linux::monitor::run(bundle),
         Command::ExecHelper { config } => podvisor::backend::linux::exec::run(config),
         Command::PodInit => podvisor::backend::linux::sandbox::pod_init_main(),
+        Command::VmHelper { config } => podvisor::backend::vm::helper::main(config),
         Command::UsernsHolder { kinds } => podvisor::backend::linux::sandbox::userns_holder_main(kinds),
         _ => {}
     }
@@ -262,7 +269,11 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             Command::Images { quiet, endpoint } => podvisor::cli::images(&endpoint, quiet)
                 .await
                 .map_err(|err| anyhow::anyhow!(podvisor::error_chain(&err))),
-            Command::Monitor { .. } | Command::ExecHelper { .. } | Command::PodInit | Command::UsernsHolder { .. } => {
+            Command::Monitor { .. }
+            | Command::ExecHelper { .. }
+            | Command::PodInit
+            | Command::UsernsHolder { .. }
+            | Command::VmHelper { .. } => {
                 unreachable!("handled before the runtime starts")
             }
         }

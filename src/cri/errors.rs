@@ -57,6 +57,16 @@ pub fn manager_status(err: crate::manager::ManagerError) -> Status {
         ManagerError::Backend(LinuxError::StartFailed(_)) => Code::FailedPrecondition,
         ManagerError::Backend(_) | ManagerError::Store { .. } => Code::Internal,
         ManagerError::Image(_) => Code::Internal,
+        ManagerError::Vm(vm) => {
+            use crate::backend::vm::VmError;
+            match vm {
+                VmError::Invalid(_) => Code::InvalidArgument,
+                VmError::NoAgent(_) => Code::FailedPrecondition,
+                VmError::Timeout(_) => Code::DeadlineExceeded,
+                VmError::NotFound(_) => Code::NotFound,
+                _ => Code::Internal,
+            }
+        }
         ManagerError::Network(NetworkError::Invalid(_)) => Code::InvalidArgument,
         ManagerError::Network(NetworkError::Builtin(
             crate::network::builtin::NetError::Conflict(_) | crate::network::builtin::NetError::Invalid(_),

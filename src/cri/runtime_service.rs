@@ -83,14 +83,14 @@ impl RuntimeService for RuntimeServiceImpl {
                 "runtime": &self.info,
                 "podCIDR": pod_cidr,
                 "cgroupDriver": "cgroupfs",
+                "vm": self.manager.vm_info(),
             });
             info.insert("info".to_string(), details.to_string());
         }
         Ok(Response::new(cri::StatusResponse {
             status: Some(cri::RuntimeStatus { conditions }),
             info,
-            runtime_handlers: crate::backend::LINUX_HANDLERS
-                .iter()
+            runtime_handlers: crate::backend::all_handlers()
                 .map(|name| cri::RuntimeHandler {
                     name: name.to_string(),
                     features: Some(cri::RuntimeHandlerFeatures {

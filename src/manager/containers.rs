@@ -76,26 +76,36 @@ impl Manager {
         }
         let _guard = self.lock(&id).await;
         let linux = &self.inner.linux;
-        let cgroup_path = format!("{}/{id}", sandbox.runtime.cgroup_path);
-        let cgroup_procs = linux.cgroup_procs(&cgroup_path);
-        let plan = ContainerPlan {
-            id: &id,
-            spec: &spec,
-            sandbox: &sandbox.spec,
-            sandbox_runtime: &sandbox.runtime,
-            image: &image,
-            layer_dirs: self.inner.images.layer_dirs(&image),
-            bundle: linux.bundle_dir(&id),
-            rw_dir: linux.rw_dir(&id),
-            log_path,
-            cgroup_procs,
-            cgroup_path,
-        };
-        let runtime = match linux.create_container(&plan) {
-            Ok(runtime) => runtime,
-            Err(err) => {
-                self.names().remove(&key);
-                return Err(err.into());
+        let (runtime, vm) = if sandbox.backend == crate::backend::BackendKind::Vm {
+            match self.create_vm(&id, &sandbox, &spec, &image, log_path).await {
+                Ok((runtime, vm)) => (runtime, Some(vm)),
+                Err(err) => {
+                    self.names().remove(&key);
+                    return Err(err);
+                }
+            }
+        } else {
+            let cgroup_path = format!("{}/{id}", sandbox.runtime.cgroup_path);
+            let cgroup_procs = linux.cgroup_procs(&cgroup_path);
+            let plan = ContainerPlan {
+                id: &id,
+                spec: &spec,
+                sandbox: &sandbox.spec,
+                sandbox_runtime: &sandbox.runtime,
+                image: &image,
+                layer_dirs: self.inner.images.layer_dirs(&image),
+                bundle: linux.bundle_dir(&id),
+                rw_dir: linux.rw_dir(&id),
+                log_path,
+                cgroup_procs,
+                cgroup_path,
+            };
+            match linux.create_container(&plan) {
+                Ok(runtime) => (runtime, None),
+                Err(err) => {
+                    self.names().remove(&key);
+                    return Err(err.into());
+                }
             }
         };
         let image_ref = image.repo_digests.first().cloned().unwrap_or_else(|| image.id.clone());
@@ -117,11 +127,16 @@ impl Manager {
             monitor_start_time: None,
             runtime,
             image_content: crate::image::ImageStore::content_of(&image),
+            vm,
         };
         self.inner.images.pin(&id, record.image_content.clone());
         if let Err(err) = self.inner.store.save_container(&record) {
             self.inner.images.unpin(&id);
-            linux.remove_container(&record.runtime);
+            if record.vm.is_some() {
+                let _ = self.remove_vm(&record).await;
+            } else {
+                linux.remove_container(&record.runtime);
+            }
             self.names().remove(&key);
             return Err(store_error("saving container record")(err));
         }
@@ -142,6 +157,9 @@ impl Manager {
                 "container {id} is {:?}, only a created container can be started",
                 record.state
             )));
+        }
+        if record.vm.is_some() {
+            return self.start_vm(record).await;
         }
         match self.inner.linux.start_container(&record.runtime).await {
             Ok(started) => {
@@ -174,7 +192,7 @@ impl Manager {
         }
     }
 
-    fn save(&self, record: &ContainerRecord) -> Result<(), ManagerError> {
+    pub(super) fn save(&self, record: &ContainerRecord) -> Result<(), ManagerError> {
         self.inner
             .store
             .save_container(record)
@@ -210,6 +228,10 @@ impl Manager {
 
     /// Fills in the end of a container that is no longer running.
     pub(super) fn settle_exit(&self, record: &mut ContainerRecord) {
+        if record.vm.is_some() {
+            // Only reached when the helper ended; the domain's state is looked at by the VM watcher.
+            return;
+        }
         let linux = &self.inner.linux;
         record.state = ContainerState::Exited;
         match linux.exit_record(&record.runtime) {
@@ -244,6 +266,9 @@ impl Manager {
         let record = self.container(&id)?;
         if record.state != ContainerState::Running {
             return Ok(());
+        }
+        if record.vm.is_some() {
+            return self.stop_vm(&record, timeout).await;
         }
         let signal = if !record.spec.stop_signal.is_empty() {
             record.spec.stop_signal.clone()
@@ -311,9 +336,13 @@ impl Manager {
         let Ok(record) = self.container(&id) else {
             return Ok(());
         };
-        let linux = self.inner.linux.clone();
-        let runtime = record.runtime.clone();
-        let _ = tokio::task::spawn_blocking(move || linux.remove_container(&runtime)).await;
+        if record.vm.is_some() {
+            self.remove_vm(&record).await?;
+        } else {
+            let linux = self.inner.linux.clone();
+            let runtime = record.runtime.clone();
+            let _ = tokio::task::spawn_blocking(move || linux.remove_container(&runtime)).await;
+        }
         self.inner
             .store
             .delete_container(&id)
@@ -374,6 +403,9 @@ impl Manager {
             return Err(ManagerError::InvalidArgument("exec needs a command".into()));
         }
         let record = self.container(id)?;
+        if record.vm.is_some() {
+            return self.exec_sync_vm(&record, command, timeout).await;
+        }
         let pid = match (record.state, record.pid) {
             (ContainerState::Running, Some(pid)) => pid,
             _ => {
@@ -433,7 +465,9 @@ impl Manager {
                 record.id
             )));
         }
-        self.inner.linux.update_resources(&record.runtime, &resources)?;
+        if record.vm.is_none() {
+            self.inner.linux.update_resources(&record.runtime, &resources)?;
+        }
         record.spec.resources = resources;
         self.save(&record)
     }

@@ -7,6 +7,7 @@ pub mod records;
 mod recovery;
 mod sandboxes;
 mod streaming;
+mod vm;
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -30,6 +31,8 @@ pub enum ManagerError {
     DeadlineExceeded(String),
     #[error("linux backend")]
     Backend(#[from] LinuxError),
+    #[error("VM backend")]
+    Vm(#[from] crate::backend::vm::VmError),
     #[error("image")]
     Image(#[from] crate::image::ImageError),
     #[error("pod network")]
@@ -74,6 +77,7 @@ pub struct Manager {
 struct Inner {
     images: ImageStore,
     linux: Arc<LinuxBackend>,
+    vm: Arc<crate::backend::vm::runtime::VmBackend>,
     network: Arc<crate::network::PodNetwork>,
     store: RecordStore,
     sandboxes: Mutex<HashMap<String, SandboxRecord>>,
@@ -103,8 +107,10 @@ impl Manager {
         network: crate::network::PodNetwork,
         root: &std::path::Path,
         state: &std::path::Path,
+        vm_config: &crate::config::VmConfig,
     ) -> Result<Manager, ManagerError> {
         let linux = Arc::new(LinuxBackend::new(root, state)?);
+        let vm = Arc::new(crate::backend::vm::runtime::VmBackend::new(vm_config, state));
         let network = Arc::new(network);
         let store = RecordStore::open(root).map_err(store_error("opening the record store"))?;
         let (events, _) = tokio::sync::broadcast::channel(1024);
@@ -112,6 +118,7 @@ impl Manager {
             inner: Arc::new(Inner {
                 images,
                 linux,
+                vm,
                 network,
                 store,
                 sandboxes: Mutex::new(HashMap::new()),

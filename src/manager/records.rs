@@ -73,6 +73,9 @@ pub struct ContainerRecord {
     /// Image content the container's rootfs is made of, kept while it exists.
     #[serde(default)]
     pub image_content: Vec<String>,
+    /// The VM of a VM pod's container (then `runtime` only holds its log path).
+    #[serde(default)]
+    pub vm: Option<crate::backend::vm::runtime::VmContainer>,
 }
 
 /// Where records live: one JSON file each, written atomically.

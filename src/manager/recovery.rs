@@ -22,7 +22,11 @@ impl Manager {
             self.sandboxes().insert(record.id.clone(), record);
         }
         for mut record in self.inner.store.load_containers() {
-            if record.state == ContainerState::Running {
+            if record.state == ContainerState::Running && record.vm.is_some() {
+                // Recorded before the loop below inserts it; the watcher reads it later.
+                self.containers().insert(record.id.clone(), record.clone());
+                self.recover_vm(&mut record).await;
+            } else if record.state == ContainerState::Running {
                 let alive = record
                     .monitor_pid
                     .is_some_and(|pid| !process_ended(pid, record.monitor_start_time));
@@ -60,6 +64,7 @@ impl Manager {
             self.inner.linux.remove_orphan_sandbox(&id);
         }
         self.inner.linux.remove_orphan_containers(&known_containers);
+        self.sweep_vm_orphans().await;
         self.inner.network.start().await;
         let sandboxes = self.sandboxes().len();
         let containers = self.containers().len();

@@ -9,11 +9,11 @@ use crate::spec::SandboxSpec;
 
 impl Manager {
     pub async fn run_sandbox(&self, spec: SandboxSpec) -> Result<String, ManagerError> {
-        let kind = backend::backend_for_handler(&spec.runtime_handler).ok_or_else(|| {
+        let kind = backend::backend_for_sandbox(&spec.runtime_handler, &spec.annotations).ok_or_else(|| {
             ManagerError::InvalidArgument(format!(
                 "unknown runtime handler {:?} (known: {:?})",
                 spec.runtime_handler,
-                backend::LINUX_HANDLERS
+                backend::all_handlers().collect::<Vec<_>>()
             ))
         })?;
         if spec.metadata.name.is_empty() || spec.metadata.namespace.is_empty() {

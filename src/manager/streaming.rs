@@ -6,9 +6,16 @@ use super::{Manager, ManagerError};
 use crate::streaming::StreamIo;
 
 impl Manager {
-    /// A container that exec and attach may reach: it exists and runs.
+    /// A container that exec and attach may reach: it exists, runs, and is a
+    /// Linux container (streaming into VMs is not implemented yet).
     pub fn running_container(&self, id: &str) -> Result<ContainerRecord, ManagerError> {
         let record = self.container(id)?;
+        if record.vm.is_some() {
+            return Err(ManagerError::FailedPrecondition(format!(
+                "container {} is a VM: exec and attach sessions into VMs are not supported yet (ExecSync is)",
+                record.id
+            )));
+        }
         match (record.state, record.pid) {
             (ContainerState::Running, Some(_)) => Ok(record),
             _ => Err(ManagerError::FailedPrecondition(format!(
@@ -33,6 +40,12 @@ impl Manager {
     /// A sandbox whose ports may be forwarded: it exists and is ready.
     pub fn ready_sandbox(&self, id: &str) -> Result<SandboxRecord, ManagerError> {
         let record = self.sandbox(id)?;
+        if record.backend != crate::backend::BackendKind::Linux {
+            return Err(ManagerError::FailedPrecondition(format!(
+                "sandbox {} is a VM pod: port-forward into VMs is not supported yet",
+                record.id
+            )));
+        }
         if record.state != SandboxState::Ready {
             return Err(ManagerError::FailedPrecondition(format!(
                 "sandbox {} is not ready",

@@ -52,6 +52,10 @@ impl Daemon {
             text.push_str(&section);
             network = Some((bridge, nat));
         }
+        if !text.contains("[vm]") {
+            // No KVM test domain at every test daemon's start: the VM tests choose their own.
+            text.push_str("[vm]\nhypervisor = \"tcg\"\n");
+        }
         let path = dir.path().join("config.toml");
         std::fs::write(&path, text).expect("write config");
         let mut daemon = Daemon {
