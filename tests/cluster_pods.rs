@@ -318,23 +318,13 @@ spec:
 fn restart_policy_never_ends_in_succeeded_or_failed() {
     let env = Env::start();
     env.apply("bad", &EXIT_POD.replace("NAME", "bad").replace("CODE", "3"));
-    // Bound after creation, as the scheduler does it: the agent's watch picks it up.
+    // Left to the scheduler: bound after creation, the agent's watch picks it up.
     let unbound = EXIT_POD
         .replace("NAME", "ok")
         .replace("CODE", "0")
         .replace("  nodeName: $NODE\n", "");
     env.apply("ok", &unbound);
-    let binding = format!(
-        r#"{{"apiVersion":"v1","kind":"Binding","metadata":{{"name":"ok"}},"target":{{"apiVersion":"v1","kind":"Node","name":"{NODE}"}}}}"#
-    );
-    let binding = env.c.file("binding.json", &binding);
-    env.c.ok(&[
-        "create",
-        "--raw",
-        "/api/v1/namespaces/default/pods/ok/binding",
-        "-f",
-        &binding,
-    ]);
+    env.wait_jsonpath("ok", "{.spec.nodeName}", |n| n == NODE);
     env.wait_jsonpath("ok", "{.status.phase}", |p| p == "Succeeded");
     env.wait_jsonpath("bad", "{.status.phase}", |p| p == "Failed");
     let state = "{.status.containerStatuses[0].state.terminated.exitCode} {.status.containerStatuses[0].state.terminated.reason} {.status.containerStatuses[0].state.terminated.message} {.status.containerStatuses[0].restartCount}";
