@@ -1,6 +1,7 @@
 //! `kubectl logs`, `exec`, `attach` and `port-forward` through the API server and the node agent, with the real
-//! kubectl against `podvisor up`. Until the node agent runs pods itself, each test creates the Pod object (bound to
-//! a node) with kubectl and its sandbox and containers over CRI, labelled as the kubelet labels them.
+//! kubectl against `podvisor up`. Each test creates the Pod object with kubectl, bound to a Node whose published
+//! endpoint is this cluster's node agent but which that agent does not own (so it leaves the pod alone), and the
+//! pod's sandbox and containers over CRI, labelled as the kubelet labels them: the test controls every restart.
 
 mod common;
 
@@ -21,7 +22,9 @@ use podvisor::cri::proto::runtime::image_service_client::ImageServiceClient;
 use podvisor::cri::proto::runtime::runtime_service_client::RuntimeServiceClient;
 use tonic::transport::Channel;
 
+/// The node the test pods are bound to; the cluster's own agent runs as [`AGENT_NODE`].
 const NODE: &str = "testnode";
+const AGENT_NODE: &str = "agentnode";
 
 /// A cluster whose node agent serves pods the test builds over CRI.
 struct Env {
@@ -65,7 +68,25 @@ impl Env {
         .await;
         let kubelet_port = common::free_port();
         let port = kubelet_port.to_string();
-        let c = Cluster::start_with(&["--node-name", NODE, "--kubelet-port", &port], "");
+        let c = Cluster::start_with(&["--node-name", AGENT_NODE, "--kubelet-port", &port], "");
+        let node = c.file(
+            "testnode.yaml",
+            &format!("apiVersion: v1\nkind: Node\nmetadata:\n  name: {NODE}\n"),
+        );
+        c.ok(&["apply", "-f", &node]);
+        let published = format!(
+            r#"{{"status":{{"addresses":[{{"type":"InternalIP","address":"127.0.0.1"}}],
+                "daemonEndpoints":{{"kubeletEndpoint":{{"Port":{kubelet_port}}}}}}}}}"#
+        );
+        c.ok(&[
+            "patch",
+            "node",
+            NODE,
+            "--subresource=status",
+            "--type=merge",
+            "-p",
+            &published,
+        ]);
         let image = format!("{}/test/busybox:latest", registry.host());
         let env = Env {
             c,
@@ -96,8 +117,10 @@ impl Env {
     /// Creates the Pod object (bound to `node` if given) and returns its uid.
     fn apply_pod(&self, name: &str, node: Option<&str>, containers: &[&str]) -> String {
         let mut yaml = format!("apiVersion: v1\nkind: Pod\nmetadata:\n  name: {name}\nspec:\n");
-        if let Some(node) = node {
-            yaml.push_str(&format!("  nodeName: {node}\n"));
+        match node {
+            Some(node) => yaml.push_str(&format!("  nodeName: {node}\n")),
+            // Matches no node, so the scheduler leaves it unbound.
+            None => yaml.push_str("  nodeSelector:\n    podvisor.io/test: unschedulable\n"),
         }
         yaml.push_str("  containers:\n");
         for c in containers {
