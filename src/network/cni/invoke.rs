@@ -102,7 +102,19 @@ impl CniRuntime {
             command: inv.command,
             source,
         };
-        let mut process = PluginProcess::new(command.spawn().map_err(spawn_error)?);
+        // A plugin binary being installed (or written by a process that just
+        // forked) is briefly busy for exec: retry that for a moment.
+        let mut attempts = 0;
+        let child = loop {
+            match command.spawn() {
+                Err(err) if err.raw_os_error() == Some(libc::ETXTBSY) && attempts < 50 => {
+                    attempts += 1;
+                    tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+                }
+                result => break result.map_err(spawn_error)?,
+            }
+        };
+        let mut process = PluginProcess::new(child);
         let (stdin, stdout, stderr) = (
             process.child.stdin.take(),
             process.child.stdout.take(),
