@@ -1,9 +1,13 @@
 //! Pod garbage collection: pods bound to a node that no longer exists are
-//! deleted at once (nothing is left to stop them), and finished pods
+//! deleted with no grace (nothing is left to stop them), and finished pods
 //! (Succeeded or Failed) beyond a threshold are deleted, oldest first.
+//!
+//! A pod's node counts as gone at once when its deletion was seen, otherwise
+//! after it has been missing for [`ORPHAN_QUARANTINE`]: a pod may name a node
+//! whose agent has not registered it yet.
 
-use std::collections::HashSet;
-use std::time::Duration;
+use std::collections::{HashMap, HashSet};
+use std::time::{Duration, Instant};
 
 use k8s_openapi::api::core::v1::{Node, Pod};
 use tokio::sync::broadcast::error::RecvError;
@@ -13,6 +17,8 @@ use crate::cluster::informer::{Change, Informer, object_key};
 
 /// How often everything is checked, besides right after a node is deleted.
 const CHECK_INTERVAL: Duration = Duration::from_secs(20);
+/// How long a node nobody saw deleted must be missing before its pods go.
+pub const ORPHAN_QUARANTINE: Duration = Duration::from_secs(40);
 
 pub fn spawn(client: Client, terminated_threshold: usize) -> tokio::task::JoinHandle<()> {
     tokio::spawn(async move {
@@ -23,28 +29,52 @@ pub fn spawn(client: Client, terminated_threshold: usize) -> tokio::task::JoinHa
         nodes.wait_synced().await;
         let mut tick = tokio::time::interval(CHECK_INTERVAL);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        // Missing nodes: since when, or None when seen deleted.
+        let mut missing: HashMap<String, Option<Instant>> = HashMap::new();
         loop {
             tokio::select! {
                 _ = tick.tick() => {}
                 change = node_changes.recv() => match change {
-                    Ok(Change::Deleted(_) | Change::Resynced) | Err(RecvError::Lagged(_)) => {}
-                    Ok(Change::Applied(_)) => continue,
+                    Ok(Change::Deleted(node)) => {
+                        missing.insert(node.metadata.name.unwrap_or_default(), None);
+                    }
+                    Ok(Change::Applied(node)) => {
+                        missing.remove(node.metadata.name.as_deref().unwrap_or_default());
+                        continue;
+                    }
+                    Ok(Change::Resynced) | Err(RecvError::Lagged(_)) => {}
                     Err(RecvError::Closed) => return,
                 },
             }
-            collect(&client, &pods.list(), &nodes.list(), terminated_threshold).await;
+            collect(&client, &pods.list(), &nodes.list(), &mut missing, terminated_threshold).await;
         }
     })
 }
 
-async fn collect(client: &Client, pods: &[Pod], nodes: &[Node], terminated_threshold: usize) {
+async fn collect(
+    client: &Client,
+    pods: &[Pod],
+    nodes: &[Node],
+    missing: &mut HashMap<String, Option<Instant>>,
+    terminated_threshold: usize,
+) {
     let node_names: HashSet<&str> = nodes.iter().filter_map(|n| n.metadata.name.as_deref()).collect();
-    for pod in orphaned(pods, &node_names) {
+    let orphans = orphaned(pods, &node_names);
+    let wanted: HashSet<&str> = orphans
+        .iter()
+        .filter_map(|p| p.spec.as_ref()?.node_name.as_deref())
+        .collect();
+    missing.retain(|name, _| wanted.contains(name.as_str()));
+    for pod in orphans {
         let node = pod
             .spec
             .as_ref()
             .and_then(|s| s.node_name.as_deref())
             .unwrap_or_default();
+        let since = *missing.entry(node.to_string()).or_insert(Some(Instant::now()));
+        if since.is_some_and(|t| t.elapsed() < ORPHAN_QUARANTINE) {
+            continue;
+        }
         // The node cache may lag behind: only a node the API server does not know is gone.
         match client.get_opt::<Node>(None, node).await {
             Ok(None) => delete(client, pod, &format!("its node {node} is gone")).await,

@@ -1,0 +1,360 @@
+//! Mini-cluster benchmark: `podvisor up` (background mode) until it returns
+//! and until the API answers, until a node is Ready (when a node agent
+//! registers one), the idle RSS of the whole process tree, and the latency
+//! from creating a pod to it being bound (and Running, with a node agent).
+//! Without a node agent a fake Node is created so that pods can be bound.
+//! Run with `hack/bench-cluster`.
+
+#[path = "../../tests/common/mod.rs"]
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::daemon::{remove_test_network, test_network_config};
+use common::oci::{Flavour, TestImage};
+use common::push::push_image;
+use common::registry::Registry;
+use futures_util::StreamExt;
+use k8s_openapi::api::core::v1::{Namespace, Node, Pod};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::WatchEvent;
+use podvisor::cluster::client::{Client, ListParams, WatchStream};
+use serde_json::json;
+
+/// How long to wait for a node agent to register its node before going on without one.
+const NODE_APPEARS_WITHIN: Duration = Duration::from_secs(5);
+const FAKE_NODE: &str = "bench-fake-node";
+
+fn percentile(samples: &mut [Duration], p: f64) -> Duration {
+    samples.sort();
+    samples[((samples.len() as f64 - 1.0) * p).round() as usize]
+}
+
+fn report(what: &str, samples: &mut [Duration]) {
+    let p50 = percentile(samples, 0.50);
+    let p95 = percentile(samples, 0.95);
+    println!(
+        "{what:<40} p50 {:>8.2} ms   p95 {:>8.2} ms   (n={})",
+        p50.as_secs_f64() * 1000.0,
+        p95.as_secs_f64() * 1000.0,
+        samples.len()
+    );
+}
+
+fn once(what: &str, took: Duration) {
+    println!("{what:<40} {:>12.2} ms", took.as_secs_f64() * 1000.0);
+}
+
+fn status_field(pid: i32, field: &str) -> Option<String> {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    text.lines()
+        .find_map(|l| l.strip_prefix(field))
+        .map(|v| v.trim().to_string())
+}
+
+/// RSS of `root` and every process below it, in KiB, and how many processes that is.
+fn tree_rss_kib(root: i32) -> (u64, usize) {
+    let mut tree = vec![root];
+    let mut grew = true;
+    let all: Vec<(i32, i32)> = std::fs::read_dir("/proc")
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|e| {
+            let pid: i32 = e.file_name().to_str()?.parse().ok()?;
+            let ppid: i32 = status_field(pid, "PPid:")?.parse().ok()?;
+            Some((pid, ppid))
+        })
+        .collect();
+    while grew {
+        grew = false;
+        for (pid, ppid) in &all {
+            if tree.contains(ppid) && !tree.contains(pid) {
+                tree.push(*pid);
+                grew = true;
+            }
+        }
+    }
+    let kib = tree
+        .iter()
+        .filter_map(|pid| status_field(*pid, "VmRSS:"))
+        .filter_map(|v| v.split_whitespace().next()?.parse::<u64>().ok())
+        .sum();
+    (kib, tree.len())
+}
+
+struct Up {
+    dir: tempfile::TempDir,
+    network: (String, String),
+}
+
+impl Up {
+    fn data_dir(&self) -> PathBuf {
+        self.dir.path().join("cluster")
+    }
+
+    fn kubeconfig(&self) -> PathBuf {
+        self.dir.path().join("kubeconfig")
+    }
+
+    fn kubectl(&self, args: &[&str]) -> std::process::Output {
+        Command::new("kubectl")
+            .arg("--kubeconfig")
+            .arg(self.kubeconfig())
+            .arg("--cache-dir")
+            .arg(self.dir.path().join("kubectl-cache"))
+            .args(args)
+            .stdin(Stdio::null())
+            .output()
+            .expect("run kubectl")
+    }
+}
+
+impl Drop for Up {
+    fn drop(&mut self) {
+        let _ = Command::new(env!("CARGO_BIN_EXE_podvisor"))
+            .arg("down")
+            .arg("--data-dir")
+            .arg(self.data_dir())
+            .args(["--timeout", "60"])
+            .stdout(Stdio::null())
+            .status();
+        remove_test_network(&self.network.0, &self.network.1);
+    }
+}
+
+/// `podvisor up` in the background, on a free port, in a temporary directory.
+fn start_up() -> (Up, Duration) {
+    let dir = tempfile::Builder::new()
+        .prefix("podvisor-bench-")
+        .tempdir()
+        .expect("tempdir");
+    let (network, bridge, nat) = test_network_config();
+    std::fs::write(dir.path().join("config.toml"), network).unwrap();
+    let up = Up {
+        dir,
+        network: (bridge, nat),
+    };
+    let path = |p: &str| up.dir.path().join(p);
+    let address = format!("127.0.0.1:{}", common::free_port());
+    let started = Instant::now();
+    let status = Command::new(env!("CARGO_BIN_EXE_podvisor"))
+        .arg("up")
+        .arg("--data-dir")
+        .arg(up.data_dir())
+        .arg("--kubeconfig")
+        .arg(up.kubeconfig())
+        .args(["--api-address", &address])
+        .arg("--listen")
+        .arg(format!("unix://{}", path("cri.sock").display()))
+        .arg("--root")
+        .arg(path("root"))
+        .arg("--state")
+        .arg(path("state"))
+        .arg("--config")
+        .arg(path("config.toml"))
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::null())
+        .status()
+        .expect("run podvisor up");
+    let took = started.elapsed();
+    assert!(
+        status.success(),
+        "podvisor up failed; see {}/up.log",
+        up.data_dir().display()
+    );
+    (up, took)
+}
+
+fn up_pid(data_dir: &Path) -> i32 {
+    std::fs::read_to_string(data_dir.join("up.pid"))
+        .expect("up.pid")
+        .trim()
+        .parse()
+        .expect("a pid")
+}
+
+fn is_ready(node: &Node) -> bool {
+    node.status
+        .as_ref()
+        .and_then(|s| s.conditions.as_ref())
+        .is_some_and(|c| c.iter().any(|c| c.type_ == "Ready" && c.status == "True"))
+}
+
+/// Waits for a Ready node registered by a node agent; None when none shows up.
+async fn wait_for_agent_node(client: &Client) -> Option<String> {
+    let deadline = Instant::now() + NODE_APPEARS_WITHIN;
+    let mut ready_deadline = None;
+    loop {
+        let nodes = client
+            .list::<Node>(None, &ListParams::default())
+            .await
+            .expect("list nodes")
+            .items;
+        if let Some(node) = nodes.iter().find(|n| is_ready(n)) {
+            return node.metadata.name.clone();
+        }
+        if !nodes.is_empty() && ready_deadline.is_none() {
+            ready_deadline = Some(Instant::now() + Duration::from_secs(60));
+        }
+        if Instant::now() > ready_deadline.unwrap_or(deadline) {
+            return None;
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
+async fn create_fake_node(client: &Client) {
+    let node: Node = serde_json::from_value(json!({
+        "metadata": {"name": FAKE_NODE},
+        "status": {
+            "allocatable": {"cpu": "64", "memory": "256Gi", "pods": "1000"},
+            "conditions": [{"type": "Ready", "status": "True", "reason": "KubeletReady"}],
+        },
+    }))
+    .unwrap();
+    client.create(None, &node).await.expect("create the fake node");
+}
+
+fn pod(name: &str, image: &str) -> Pod {
+    serde_json::from_value(json!({
+        "metadata": {"name": name},
+        "spec": {
+            "terminationGracePeriodSeconds": 0,
+            "containers": [{"name": "c", "image": image, "command": ["/bin/busybox", "sleep", "3600"]}],
+        },
+    }))
+    .unwrap()
+}
+
+/// Reads the watch until `name` satisfies `done`.
+async fn wait_pod(events: &mut WatchStream<Pod>, name: &str, done: impl Fn(&Pod) -> bool) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(120);
+    loop {
+        let event = tokio::time::timeout_at(deadline, events.next())
+            .await
+            .unwrap_or_else(|_| panic!("pod {name} did not get there in 120 s"))
+            .expect("the watch ended")
+            .expect("a watch event");
+        if let WatchEvent::Added(pod) | WatchEvent::Modified(pod) = event
+            && pod.metadata.name.as_deref() == Some(name)
+            && done(&pod)
+        {
+            return;
+        }
+    }
+}
+
+fn bound(pod: &Pod) -> bool {
+    pod.spec
+        .as_ref()
+        .and_then(|s| s.node_name.as_deref())
+        .is_some_and(|n| !n.is_empty())
+}
+
+fn running(pod: &Pod) -> bool {
+    pod.status.as_ref().and_then(|s| s.phase.as_deref()) == Some("Running")
+}
+
+#[tokio::main]
+async fn main() {
+    let iterations: usize = std::env::var("BENCH_ITERATIONS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(30);
+    let (up, up_took) = start_up();
+    let started = Instant::now() - up_took;
+    once("podvisor up (returns)", up_took);
+    let client = Client::from_kubeconfig(&up.kubeconfig()).expect("kubeconfig");
+    while client.list::<Namespace>(None, &ListParams::default()).await.is_err() {
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    once("podvisor up → API answering", started.elapsed());
+    let agent_node = wait_for_agent_node(&client).await;
+    match &agent_node {
+        Some(name) => once(&format!("podvisor up → node {name} Ready"), started.elapsed()),
+        None => println!("{:<40} {:>12}", "podvisor up → node Ready", "no node"),
+    }
+
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    let (kib, processes) = tree_rss_kib(up_pid(&up.data_dir()));
+    println!(
+        "{:<40} {kib:>9} KiB   ({processes} processes)",
+        "idle RSS, whole tree, after 5 s"
+    );
+
+    // Pods: bound (always) and Running (with a node agent, from a local registry).
+    let registry;
+    let image = match &agent_node {
+        Some(_) => {
+            registry = Registry::start().await;
+            push_image(
+                &registry.url(),
+                "bench/busybox",
+                "v1",
+                &TestImage::busybox(),
+                Flavour::Oci,
+            )
+            .await;
+            format!("{}/bench/busybox:v1", registry.host())
+        }
+        None => {
+            create_fake_node(&client).await;
+            "example.invalid/never-pulled:1".to_string()
+        }
+    };
+    let list = client
+        .list::<Pod>(Some("default"), &ListParams::default())
+        .await
+        .expect("list pods");
+    let mut events = client
+        .watch::<Pod>(Some("default"), &ListParams::default(), &list.resource_version, 600)
+        .await
+        .expect("watch pods");
+    let rounds = if agent_node.is_some() {
+        iterations.div_ceil(3)
+    } else {
+        iterations
+    };
+    let (mut to_bound, mut to_running) = (Vec::new(), Vec::new());
+    for i in 0..rounds {
+        let name = format!("bench-{i}");
+        let created = Instant::now();
+        client
+            .create(Some("default"), &pod(&name, &image))
+            .await
+            .expect("create pod");
+        wait_pod(&mut events, &name, bound).await;
+        to_bound.push(created.elapsed());
+        if agent_node.is_some() {
+            wait_pod(&mut events, &name, running).await;
+            to_running.push(created.elapsed());
+        }
+        client
+            .delete::<Pod>(Some("default"), &name, Some(0))
+            .await
+            .expect("delete pod");
+    }
+    report("create pod → bound (API client)", &mut to_bound);
+    if agent_node.is_some() {
+        report("create pod → Running (API client)", &mut to_running);
+    }
+
+    let mut applied = Vec::new();
+    for i in 0..iterations.div_ceil(3) {
+        let name = format!("applied-{i}");
+        let file = up.dir.path().join(format!("{name}.json"));
+        std::fs::write(&file, serde_json::to_vec(&pod(&name, &image)).unwrap()).unwrap();
+        let started = Instant::now();
+        let out = up.kubectl(&["apply", "-f", file.to_str().unwrap()]);
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        wait_pod(&mut events, &name, bound).await;
+        applied.push(started.elapsed());
+        client
+            .delete::<Pod>(Some("default"), &name, Some(0))
+            .await
+            .expect("delete pod");
+    }
+    report("kubectl apply → bound", &mut applied);
+}
