@@ -341,7 +341,7 @@ async fn main() {
         report("create pod → Running (API client)", &mut to_running);
     }
 
-    let mut applied = Vec::new();
+    let (mut applied, mut applied_running) = (Vec::new(), Vec::new());
     for i in 0..iterations.div_ceil(3) {
         let name = format!("applied-{i}");
         let file = up.dir.path().join(format!("{name}.json"));
@@ -351,10 +351,17 @@ async fn main() {
         assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
         wait_pod(&mut events, &name, bound).await;
         applied.push(started.elapsed());
+        if agent_node.is_some() {
+            wait_pod(&mut events, &name, running).await;
+            applied_running.push(started.elapsed());
+        }
         client
             .delete::<Pod>(Some("default"), &name, Some(0))
             .await
             .expect("delete pod");
     }
     report("kubectl apply → bound", &mut applied);
+    if agent_node.is_some() {
+        report("kubectl apply → Running", &mut applied_running);
+    }
 }
