@@ -588,3 +588,58 @@ fn idle_footprint() {
     let rss = status.lines().find(|l| l.starts_with("VmRSS")).unwrap();
     println!("idle with 3 pods: {rss}; CPU {} ms over 60 s", ticks * 10);
 }
+
+/// The agent drives another runtime's CRI socket (`--runtime-endpoint`): here
+/// a separate `podvisor daemon`, standing in for containerd or CRI-O.
+#[test]
+fn agent_drives_an_external_runtime() {
+    let rt = runtime();
+    let (registry, daemon) = rt.block_on(async {
+        let registry = Registry::start().await;
+        push_image(
+            &registry.url(),
+            "test/busybox",
+            "latest",
+            &TestImage::busybox(),
+            Flavour::Oci,
+        )
+        .await;
+        (registry, common::daemon::Daemon::start().await)
+    });
+    let c = Cluster::start_with(&["--runtime-endpoint", &daemon.endpoint(), "--node-name", NODE], "");
+    let pod = EXIT_POD
+        .replace("NAME", "external")
+        .replace(
+            "exit CODE",
+            "echo from-external; trap \"exit 0\" TERM; while true; do sleep 1; done",
+        )
+        .replace("$IMAGE", &format!("{}/test/busybox:latest", registry.host()))
+        .replace("$NODE", NODE);
+    let file = c.file("external.yaml", &pod);
+    c.ok(&["apply", "-f", &file]);
+    c.wait_output(
+        &["get", "pod", "external", "-o", "jsonpath={.status.phase}"],
+        WAIT,
+        |p| p == "Running",
+    );
+    // The sandbox lives in the external daemon, none in the cluster's own socket.
+    let external = |endpoint: String| {
+        runtime().block_on(async move {
+            let channel = podvisor::cri::socket::connect(&endpoint).await.unwrap();
+            cri::runtime_service_client::RuntimeServiceClient::new(channel)
+                .list_pod_sandbox(cri::ListPodSandboxRequest::default())
+                .await
+                .unwrap()
+                .into_inner()
+                .items
+        })
+    };
+    let sandboxes = external(daemon.endpoint());
+    assert_eq!(sandboxes.len(), 1);
+    assert_eq!(sandboxes[0].metadata.as_ref().unwrap().name, "external");
+    assert!(!c.dir.path().join("cri.sock").exists(), "up started its own daemon");
+    c.wait_output(&["logs", "external"], WAIT, |l| l.contains("from-external"));
+    assert_eq!(c.ok(&["exec", "external", "--", "cat", "/proc/1/comm"]).trim(), "sh");
+    c.ok(&["delete", "pod", "external", "--wait=true", "--timeout=60s"]);
+    assert!(external(daemon.endpoint()).is_empty(), "{}", c.log());
+}
