@@ -22,6 +22,7 @@ struct Cli {
 }
 
 #[derive(Subcommand)]
+#[allow(clippy::large_enum_variant)] // parsed once at start
 enum Command {
     /// Serve the CRI (RuntimeService and ImageService) on a unix socket.
     Daemon {
@@ -75,6 +76,15 @@ enum Command {
         /// Where the node agent writes container logs.
         #[arg(long, default_value = podvisor::cluster::agent::DEFAULT_POD_LOG_DIR)]
         pod_log_dir: PathBuf,
+        /// Rotate a running container's log once it is larger than this (e.g. 10Mi, 512Ki, bytes).
+        #[arg(long, default_value = "10Mi", value_parser = podvisor::cluster::agent::logrotate::parse_size)]
+        container_log_max_size: u64,
+        /// Log files kept per container, the current one included (at least 2).
+        #[arg(long, default_value_t = 5, value_parser = clap::value_parser!(u64).range(2..))]
+        container_log_max_files: u64,
+        /// How often container log sizes are checked.
+        #[arg(long, default_value = "10s", value_parser = podvisor::cluster::up::parse_duration)]
+        container_log_monitor_interval: std::time::Duration,
         /// Run only the API server, scheduler and controllers (no CRI daemon,
         /// no node agent here).
         #[arg(long)]
@@ -186,6 +196,9 @@ fn up_options(command: &Command) -> Option<podvisor::cluster::up::UpOptions> {
         control_plane_only,
         kubelet_port,
         pod_log_dir,
+        container_log_max_size,
+        container_log_max_files,
+        container_log_monitor_interval,
         listen,
         root,
         state,
@@ -220,6 +233,11 @@ fn up_options(command: &Command) -> Option<podvisor::cluster::up::UpOptions> {
         kubelet_port: *kubelet_port,
         control_plane_only: *control_plane_only,
         pod_log_dir: pod_log_dir.clone(),
+        log_rotation: podvisor::cluster::agent::logrotate::LogRotation {
+            max_size: *container_log_max_size,
+            max_files: *container_log_max_files as usize,
+            interval: *container_log_monitor_interval,
+        },
     })
 }
 

@@ -643,3 +643,85 @@ fn agent_drives_an_external_runtime() {
     c.ok(&["delete", "pod", "external", "--wait=true", "--timeout=60s"]);
     assert!(external(daemon.endpoint()).is_empty(), "{}", c.log());
 }
+
+/// A chatty container's log is rotated: renamed, reopened by the runtime, old
+/// files pruned to the limit, and `kubectl logs` keeps reading the new file.
+#[test]
+fn container_logs_rotate() {
+    let registry = runtime().block_on(async {
+        let registry = Registry::start().await;
+        push_image(
+            &registry.url(),
+            "test/busybox",
+            "latest",
+            &TestImage::busybox(),
+            Flavour::Oci,
+        )
+        .await;
+        registry
+    });
+    let c = Cluster::start_with(
+        &[
+            "--node-name",
+            NODE,
+            "--container-log-max-size",
+            "32Ki",
+            "--container-log-max-files",
+            "3",
+            "--container-log-monitor-interval",
+            "300ms",
+        ],
+        "",
+    );
+    let pod = EXIT_POD
+        .replace("NAME", "chatty")
+        .replace(
+            "exit CODE",
+            "i=0; while true; do i=$((i+1)); yes round-$i | head -c 8000; sleep 0.1; done",
+        )
+        .replace("$IMAGE", &format!("{}/test/busybox:latest", registry.host()))
+        .replace("$NODE", NODE);
+    let file = c.file("chatty.yaml", &pod);
+    c.ok(&["apply", "-f", &file]);
+    c.wait_output(&["get", "pod", "chatty", "-o", "jsonpath={.status.phase}"], WAIT, |p| {
+        p == "Running"
+    });
+    let dir = std::fs::read_dir(c.dir.path().join("pod-logs"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .find(|p| p.to_string_lossy().contains("_chatty_"))
+        .expect("the pod's log directory")
+        .join("main");
+    let rotated = |dir: &Path| -> Vec<String> {
+        let mut names: Vec<String> = std::fs::read_dir(dir)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().into_string().unwrap())
+            .filter(|n| n.starts_with("0.log."))
+            .collect();
+        names.sort();
+        names
+    };
+    // ~80 KB/s against a 32 KiB limit: several rotations within a few seconds.
+    let deadline = Instant::now() + WAIT;
+    let mut seen = std::collections::BTreeSet::new();
+    while seen.len() < 4 {
+        assert!(Instant::now() < deadline, "only rotated {seen:?}:\n{}", c.log());
+        let now = rotated(&dir);
+        assert!(now.len() <= 2, "more than max-files - 1 rotated files kept: {now:?}");
+        seen.extend(now);
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    // The runtime writes to the reopened file: it holds rounds newer than any rotated one.
+    let round = |text: &str| -> u64 {
+        text.lines()
+            .filter_map(|l| l.rsplit("round-").next()?.trim().parse().ok())
+            .max()
+            .unwrap_or(0)
+    };
+    let newest_rotated = rotated(&dir).last().cloned().unwrap();
+    let rotated_max = round(&std::fs::read_to_string(dir.join(&newest_rotated)).unwrap());
+    let current = c.wait_output(&["logs", "chatty", "--tail", "3"], WAIT, |t| round(t) > rotated_max);
+    assert!(round(&current) > rotated_max, "{current}");
+    let size = std::fs::metadata(dir.join("0.log")).unwrap().len();
+    assert!(size < 512 * 1024, "the current log grew to {size} bytes");
+}

@@ -49,6 +49,8 @@ pub struct UpOptions {
     pub control_plane_only: bool,
     /// Where the node agent keeps container logs.
     pub pod_log_dir: PathBuf,
+    /// When the node agent rotates container logs.
+    pub log_rotation: crate::cluster::agent::logrotate::LogRotation,
 }
 
 impl UpOptions {
@@ -118,6 +120,7 @@ impl Components {
                     cluster_dns: None,
                     cluster_domain: "cluster.local".into(),
                     api_port: Some(port),
+                    log_rotation: options.log_rotation.clone(),
                 },
             )
         });

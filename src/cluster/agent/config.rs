@@ -394,6 +394,7 @@ mod tests {
             cluster_dns: None,
             cluster_domain: "cluster.local".into(),
             api_port: None,
+            log_rotation: Default::default(),
         }
     }
 

@@ -157,6 +157,19 @@ impl Cri {
         )
     }
 
+    pub async fn reopen_container_log(&self, id: &str) -> Result<()> {
+        let request = api::ReopenContainerLogRequest {
+            container_id: id.into(),
+        };
+        call(
+            "ReopenContainerLog",
+            CALL_TIMEOUT,
+            self.runtime().reopen_container_log(request),
+        )
+        .await?;
+        Ok(())
+    }
+
     pub async fn container_status(&self, id: &str) -> Result<api::ContainerStatus> {
         let request = api::ContainerStatusRequest {
             container_id: id.into(),

@@ -11,6 +11,7 @@ mod cri;
 mod env;
 mod health;
 mod images;
+pub mod logrotate;
 mod machine;
 mod node;
 mod probes;
@@ -70,6 +71,7 @@ pub struct AgentOptions {
     pub cluster_domain: String,
     /// The port of the agent's API (logs, exec, ...), published in the Node's daemonEndpoints.
     pub api_port: Option<u16>,
+    pub log_rotation: logrotate::LogRotation,
 }
 
 /// What every part of the agent shares.
@@ -189,6 +191,7 @@ async fn run(client: Client, options: AgentOptions, workers: Workers) {
     let mut changes = informer.subscribe();
     informer.wait_synced().await;
     let _watcher = AbortOnDrop(tokio::spawn(watch_runtime(ctx.clone())));
+    let _log_rotation = AbortOnDrop(tokio::spawn(logrotate::run(ctx.clone())));
     let known: Vec<String> = informer.list().iter().filter_map(|p| p.metadata.uid.clone()).collect();
     tokio::spawn(teardown::remove_orphans(ctx.clone(), known));
     reconcile(&ctx, &informer.list());
