@@ -106,6 +106,10 @@ enum Command {
         /// A node whose lease goes unrenewed this long becomes unreachable (e.g. 40s, 500ms, 2m).
         #[arg(long, default_value = "40s", value_parser = podvisor::cluster::up::parse_duration)]
         node_monitor_grace_period: std::time::Duration,
+        /// Pods on a not-ready or unreachable node are deleted this long after it became so, unless they
+        /// tolerate its taint for another time (kube's default is 300s; short here for demos).
+        #[arg(long, default_value = "20s", value_parser = podvisor::cluster::up::parse_duration)]
+        pod_eviction_timeout: std::time::Duration,
         /// Stay in the foreground instead of returning once the cluster is up.
         #[arg(long)]
         foreground: bool,
@@ -205,6 +209,7 @@ fn up_options(command: &Command) -> Option<podvisor::cluster::up::UpOptions> {
         config,
         scheduler_strategy,
         node_monitor_grace_period,
+        pod_eviction_timeout,
         ..
     } = command
     else {
@@ -228,6 +233,7 @@ fn up_options(command: &Command) -> Option<podvisor::cluster::up::UpOptions> {
         scheduler_strategy: *scheduler_strategy,
         controllers: podvisor::cluster::controllers::Settings {
             node_monitor_grace: *node_monitor_grace_period,
+            pod_eviction_timeout: *pod_eviction_timeout,
             ..Default::default()
         },
         kubelet_port: *kubelet_port,

@@ -424,3 +424,54 @@ fn pods_of_a_deleted_node_are_collected() {
     let left = c.wait_output(&["get", "pods", "-o", "name"], WAIT, |o| o.trim() == "pod/survivor");
     assert_eq!(left.trim(), "pod/survivor");
 }
+
+#[test]
+fn pods_leave_an_unreachable_node_after_the_eviction_timeout() {
+    let c = Cluster::start_with(
+        &[
+            "--control-plane-only",
+            "--node-monitor-grace-period",
+            "1s",
+            "--pod-eviction-timeout",
+            "3s",
+        ],
+        "",
+    );
+    let tolerate = |seconds: Value| {
+        json!({"nodeName": "n1", "tolerations": [{"key": "node.kubernetes.io/unreachable", "operator": "Exists",
+                                                  "effect": "NoExecute", "tolerationSeconds": seconds}]})
+    };
+    apply(
+        &c,
+        &[
+            node("n1", "4", json!({})),
+            pod("evicted", "100m", json!({"nodeName": "n1"})),
+            pod("tolerant", "100m", tolerate(Value::Null)),
+            pod("patient", "100m", tolerate(json!(3600))),
+        ],
+    );
+    let deleting = "jsonpath={range .items[*]}{.metadata.name}={.metadata.deletionTimestamp} {end}";
+    let out = c.wait_output(&["get", "pods", "-o", deleting], Duration::from_secs(30), |o| {
+        o.split_whitespace()
+            .any(|p| p.starts_with("evicted=") && p.len() > "evicted=".len())
+    });
+    let taint_added = c.ok(&[
+        "get",
+        "node",
+        "n1",
+        "-o",
+        "jsonpath={.spec.taints[?(@.effect==\"NoExecute\")].timeAdded}",
+    ]);
+    let marked = out
+        .split_whitespace()
+        .find_map(|p| p.strip_prefix("evicted="))
+        .unwrap()
+        .to_string();
+    let seconds = |t: &str| t.parse::<k8s_openapi::jiff::Timestamp>().unwrap().as_second();
+    assert!(
+        seconds(&marked) - seconds(&taint_added) >= 2,
+        "evicted at {marked}, tainted at {taint_added}"
+    );
+    assert!(out.contains("tolerant= ") && out.contains("patient= "), "{out}");
+    wait_events(&c, "evicted", "TaintManagerEviction");
+}

@@ -11,6 +11,7 @@ use crate::cluster::client::Client;
 
 pub mod node_lifecycle;
 pub mod pod_gc;
+pub mod taint_eviction;
 
 /// Settings of the controllers, from `podvisor up`.
 #[derive(Clone, Debug)]
@@ -19,6 +20,8 @@ pub struct Settings {
     pub node_monitor_grace: Duration,
     /// Finished pods beyond this many are deleted, oldest first.
     pub terminated_pod_threshold: usize,
+    /// How long pods stay on a not-ready or unreachable node unless they say otherwise (tolerationSeconds).
+    pub pod_eviction_timeout: Duration,
 }
 
 impl Default for Settings {
@@ -26,6 +29,7 @@ impl Default for Settings {
         Settings {
             node_monitor_grace: Duration::from_secs(40),
             terminated_pod_threshold: 1000,
+            pod_eviction_timeout: Duration::from_secs(20),
         }
     }
 }
@@ -35,5 +39,6 @@ pub fn spawn_all(client: &Client, settings: &Settings) -> Vec<tokio::task::JoinH
     vec![
         node_lifecycle::spawn(client.clone(), settings.node_monitor_grace),
         pod_gc::spawn(client.clone(), settings.terminated_pod_threshold),
+        taint_eviction::spawn(client.clone(), settings.pod_eviction_timeout),
     ]
 }
