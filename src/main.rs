@@ -110,9 +110,54 @@ enum Command {
         /// tolerate its taint for another time (kube's default is 300s; short here for demos).
         #[arg(long, default_value = "20s", value_parser = podvisor::cluster::up::parse_duration)]
         pod_eviction_timeout: std::time::Duration,
+        /// The node Lease's duration in seconds; the agent renews it every quarter of that.
+        #[arg(long, default_value_t = 40, value_parser = clap::value_parser!(u64).range(1..))]
+        node_lease_duration_seconds: u64,
+        /// Nodes on this machine, this one included; the others are `podvisor join` processes with their own
+        /// CRI daemon and pod network (see README).
+        #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u64).range(1..=16))]
+        nodes: u64,
         /// Stay in the foreground instead of returning once the cluster is up.
         #[arg(long)]
         foreground: bool,
+    },
+    /// Join a cluster as one more node: a CRI daemon (unless --runtime-endpoint) and a node agent, in the
+    /// foreground, reaching the API server named in the cluster's kubeconfig.
+    Join {
+        /// The cluster's kubeconfig (server, CA and token), as `podvisor up` wrote it.
+        #[arg(long)]
+        kubeconfig: PathBuf,
+        /// The node's name [default: the host name].
+        #[arg(long)]
+        node_name: Option<String>,
+        /// The node's state: agent volumes, its API certificate, pid and ready files.
+        #[arg(long, default_value = "/var/lib/podvisor/node")]
+        data_dir: PathBuf,
+        /// Port of the node agent's HTTPS API, on every address [default: 10250, or a free port when taken].
+        #[arg(long)]
+        kubelet_port: Option<u16>,
+        #[arg(long, default_value = podvisor::cluster::agent::DEFAULT_POD_LOG_DIR)]
+        pod_log_dir: PathBuf,
+        #[arg(long, default_value = "10Mi", value_parser = podvisor::cluster::agent::logrotate::parse_size)]
+        container_log_max_size: u64,
+        #[arg(long, default_value_t = 5, value_parser = clap::value_parser!(u64).range(2..))]
+        container_log_max_files: u64,
+        #[arg(long, default_value = "10s", value_parser = podvisor::cluster::up::parse_duration)]
+        container_log_monitor_interval: std::time::Duration,
+        /// The node Lease's duration in seconds; the agent renews it every quarter of that.
+        #[arg(long, default_value_t = 40, value_parser = clap::value_parser!(u64).range(1..))]
+        node_lease_duration_seconds: u64,
+        /// Use this CRI runtime instead of starting podvisor's own daemon.
+        #[arg(long)]
+        runtime_endpoint: Option<String>,
+        #[arg(long, default_value = DEFAULT_ENDPOINT)]
+        listen: String,
+        #[arg(long, default_value = DEFAULT_ROOT)]
+        root: PathBuf,
+        #[arg(long, default_value = DEFAULT_STATE)]
+        state: PathBuf,
+        #[arg(long)]
+        config: Option<PathBuf>,
     },
     /// Stop the cluster `up` started and remove the pods it ran (objects stay).
     Down {
@@ -210,6 +255,8 @@ fn up_options(command: &Command) -> Option<podvisor::cluster::up::UpOptions> {
         scheduler_strategy,
         node_monitor_grace_period,
         pod_eviction_timeout,
+        nodes,
+        node_lease_duration_seconds,
         ..
     } = command
     else {
@@ -244,6 +291,60 @@ fn up_options(command: &Command) -> Option<podvisor::cluster::up::UpOptions> {
             max_files: *container_log_max_files as usize,
             interval: *container_log_monitor_interval,
         },
+        join: None,
+        nodes: *nodes as usize,
+        node_lease_duration: std::time::Duration::from_secs(*node_lease_duration_seconds),
+    })
+}
+
+fn join_options(command: &Command) -> Option<podvisor::cluster::up::UpOptions> {
+    let Command::Join {
+        kubeconfig,
+        node_name,
+        data_dir,
+        kubelet_port,
+        pod_log_dir,
+        container_log_max_size,
+        container_log_max_files,
+        container_log_monitor_interval,
+        node_lease_duration_seconds,
+        runtime_endpoint,
+        listen,
+        root,
+        state,
+        config,
+    } = command
+    else {
+        return None;
+    };
+    Some(podvisor::cluster::up::UpOptions {
+        data_dir: data_dir.clone(),
+        kubeconfig: kubeconfig.clone(),
+        api_address: podvisor::cluster::up::DEFAULT_API_ADDRESS
+            .parse()
+            .expect("a socket address"),
+        runtime_endpoint: runtime_endpoint.clone(),
+        daemon: DaemonOptions {
+            listen: listen.clone(),
+            root: root.clone(),
+            state: state.clone(),
+            config_explicit: config.is_some(),
+            config_path: config.clone().unwrap_or_else(|| PathBuf::from(DEFAULT_CONFIG_PATH)),
+        },
+        node_name: node_name.clone().unwrap_or_else(podvisor::cluster::up::node_name),
+        scheduler_strategy: Default::default(),
+        controllers: Default::default(),
+        kubelet_port: *kubelet_port,
+        control_plane_only: false,
+        pod_log_dir: pod_log_dir.clone(),
+        log_rotation: podvisor::cluster::agent::logrotate::LogRotation {
+            max_size: *container_log_max_size,
+            max_files: *container_log_max_files as usize,
+            interval: *container_log_monitor_interval,
+        },
+        join: Some(kubeconfig.clone()),
+        nodes: 1,
+        node_lease_duration: std::time::Duration::from_secs(*node_lease_duration_seconds),
     })
 }
 
@@ -284,6 +385,10 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             }
             command @ Command::Up { .. } => {
                 let options = up_options(&command).expect("an up command");
+                podvisor::cluster::up::run_foreground(options, shutdown_signal()).await
+            }
+            command @ Command::Join { .. } => {
+                let options = join_options(&command).expect("a join command");
                 podvisor::cluster::up::run_foreground(options, shutdown_signal()).await
             }
             Command::Down { .. } => unreachable!("handled before the runtime starts"),

@@ -121,6 +121,11 @@ impl Client {
         Self::new(&server, &String::from_utf8_lossy(&ca), &token)
     }
 
+    /// The bearer token this client presents.
+    pub fn token(&self) -> &str {
+        &self.token
+    }
+
     pub fn base_url(&self) -> &str {
         &self.base
     }

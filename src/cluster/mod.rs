@@ -9,6 +9,7 @@ pub mod controllers;
 pub mod events;
 pub mod forward;
 pub mod informer;
+pub mod nodes;
 pub mod scheduler;
 pub mod store;
 pub mod up;

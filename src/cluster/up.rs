@@ -25,7 +25,7 @@ pub const DEFAULT_API_ADDRESS: &str = "127.0.0.1:6443";
 const READY_FILE: &str = "ready";
 const PID_FILE: &str = "up.pid";
 /// Present when `down` asked for the pods to be removed too.
-const DOWN_FILE: &str = "down-requested";
+pub(crate) const DOWN_FILE: &str = "down-requested";
 const LOG_FILE: &str = "up.log";
 
 #[derive(Clone, Debug)]
@@ -51,6 +51,12 @@ pub struct UpOptions {
     pub pod_log_dir: PathBuf,
     /// When the node agent rotates container logs.
     pub log_rotation: crate::cluster::agent::logrotate::LogRotation,
+    /// Join the cluster of this kubeconfig as one more node (CRI daemon and node agent, no control plane).
+    pub join: Option<PathBuf>,
+    /// Nodes on this machine, this one included: the others run as `podvisor join` processes.
+    pub nodes: usize,
+    /// The node agents' Lease duration (renewed every quarter of it).
+    pub node_lease_duration: Duration,
 }
 
 impl UpOptions {
@@ -94,21 +100,32 @@ pub fn node_name() -> String {
         .unwrap_or_else(|| "podvisor".into())
 }
 
-/// The components running next to the API server. Each is a task that lives
-/// until the cluster stops.
+/// The components running next to the API server (unless this process only
+/// joined another cluster as a node). Each is a task that lives until the
+/// cluster stops.
 pub struct Components {
     tasks: Vec<tokio::task::JoinHandle<()>>,
     agent: Option<Agent>,
 }
 
+/// The node agent's API as started: its address and the CA of its certificate
+/// when that is not the cluster CA.
+struct AgentEndpoint {
+    addr: SocketAddr,
+    own_ca_pem: Option<String>,
+}
+
 impl Components {
-    fn start(client: &Client, options: &UpOptions, agent_port: Option<u16>) -> Self {
-        let mut tasks = vec![crate::cluster::scheduler::spawn(
-            client.clone(),
-            options.scheduler_strategy,
-        )];
-        tasks.extend(crate::cluster::controllers::spawn_all(client, &options.controllers));
-        let agent = agent_port.map(|port| {
+    fn start(client: &Client, options: &UpOptions, agent: Option<&AgentEndpoint>) -> Self {
+        let mut tasks = Vec::new();
+        if options.join.is_none() {
+            tasks.push(crate::cluster::scheduler::spawn(
+                client.clone(),
+                options.scheduler_strategy,
+            ));
+            tasks.extend(crate::cluster::controllers::spawn_all(client, &options.controllers));
+        }
+        let agent = agent.map(|endpoint| {
             Agent::start(
                 client.clone(),
                 AgentOptions {
@@ -119,8 +136,10 @@ impl Components {
                     storage_dir: options.daemon.root.clone(),
                     cluster_dns: None,
                     cluster_domain: "cluster.local".into(),
-                    api_port: Some(port),
+                    api_port: Some(endpoint.addr.port()),
                     log_rotation: options.log_rotation.clone(),
+                    kubelet_ca_pem: endpoint.own_ca_pem.clone(),
+                    lease_duration: options.node_lease_duration,
                 },
             )
         });
@@ -144,7 +163,7 @@ impl Components {
     }
 }
 
-/// Runs the cluster in this process until `shutdown`.
+/// Runs the cluster (or, with `join`, one more node of another) in this process until `shutdown`.
 pub async fn run_foreground(options: UpOptions, shutdown: impl Future<Output = ()> + Send) -> anyhow::Result<()> {
     let started = Instant::now();
     crate::sys::fs::ensure_dir(&options.data_dir, 0o700)
@@ -170,44 +189,78 @@ pub async fn run_foreground(options: UpOptions, shutdown: impl Future<Output = (
         wait_for_socket(&options.endpoint(), task).await?;
     }
 
-    let api_dir = options.data_dir.join("apiserver");
-    let credentials = tls::load_or_create(&api_dir)?;
-    let agent_server = match options.control_plane_only {
-        true => None,
-        false => Some(start_agent_server(&options, &credentials).await?),
+    let mut api = None;
+    let mut local_nodes = None;
+    let (client, agent_server) = match &options.join {
+        Some(kubeconfig) => {
+            let client = Client::from_kubeconfig(kubeconfig)
+                .with_context(|| format!("reading the cluster's kubeconfig {}", kubeconfig.display()))?;
+            // No cluster CA key here: the agent's certificate comes from a CA of this node's own.
+            let credentials = tls::load_or_create(&options.data_dir.join("kubelet"))?;
+            let listen = std::net::IpAddr::from([0, 0, 0, 0]);
+            let (addr, task) = start_agent_server(&options, &credentials, listen, client.token()).await?;
+            let endpoint = AgentEndpoint {
+                addr,
+                own_ca_pem: Some(credentials.ca_pem.clone()),
+            };
+            (client, Some((endpoint, task)))
+        }
+        None => {
+            let api_dir = options.data_dir.join("apiserver");
+            let credentials = tls::load_or_create(&api_dir)?;
+            let agent_server = match options.control_plane_only {
+                true => None,
+                false => {
+                    let listen = std::net::IpAddr::from([127, 0, 0, 1]);
+                    let (addr, task) = start_agent_server(&options, &credentials, listen, &credentials.token).await?;
+                    Some((AgentEndpoint { addr, own_ca_pem: None }, task))
+                }
+            };
+            let mut api_config = ApiConfig::new(api_dir);
+            api_config.addr = options.api_address;
+            let mut proxy = KubeletProxy::new(&credentials.ca_pem, &credentials.token)?;
+            if let Some((endpoint, _)) = &agent_server {
+                proxy = proxy.with_local_node(&options.node_name, endpoint.addr);
+            }
+            api_config.hooks.node_proxy = Some(Arc::new(proxy));
+            let server = ApiServer::start(api_config)
+                .await
+                .with_context(|| format!("starting the API server on {}", options.api_address))?;
+            write_kubeconfig(&options.kubeconfig, &server.kubeconfig())?;
+            let client = Client::new(&server.url, &server.ca_pem, &server.token)?;
+            if options.nodes > 1 {
+                local_nodes = Some(super::nodes::LocalNodes::start(&options)?);
+            }
+            api = Some(server);
+            (client, agent_server)
+        }
     };
-    let agent_addr = agent_server.as_ref().map(|(addr, _)| *addr);
-    let mut api_config = ApiConfig::new(api_dir);
-    api_config.addr = options.api_address;
-    let mut proxy = KubeletProxy::new(&credentials.ca_pem, &credentials.token)?;
-    if let Some(addr) = agent_addr {
-        proxy = proxy.with_local_node(&options.node_name, addr);
-    }
-    api_config.hooks.node_proxy = Some(Arc::new(proxy));
-    let api = ApiServer::start(api_config)
-        .await
-        .with_context(|| format!("starting the API server on {}", options.api_address))?;
-    write_kubeconfig(&options.kubeconfig, &api.kubeconfig())?;
-    let client = Client::new(&api.url, &api.ca_pem, &api.token)?;
-    let components = Components::start(&client, &options, agent_addr.map(|a| a.port()));
-    std::fs::write(options.data_dir.join(READY_FILE), api.url.as_bytes())?;
+    let components = Components::start(&client, &options, agent_server.as_ref().map(|(e, _)| e));
+    std::fs::write(options.data_dir.join(READY_FILE), client.base_url().as_bytes())?;
     tracing::info!(
-        api = %api.url,
+        api = %client.base_url(),
         kubeconfig = %options.kubeconfig.display(),
         runtime = %options.endpoint(),
         node = %options.node_name,
-        node_agent = ?agent_addr,
+        node_agent = ?agent_server.as_ref().map(|(e, _)| e.addr),
+        joined = options.join.is_some(),
         ms = started.elapsed().as_millis() as u64,
         "podvisor cluster up"
     );
 
     shutdown.await;
     let _ = std::fs::remove_file(options.data_dir.join(READY_FILE));
-    if options.data_dir.join(DOWN_FILE).exists() {
+    let remove_pods = options.data_dir.join(DOWN_FILE).exists();
+    if let Some(nodes) = local_nodes {
+        nodes.stop(remove_pods).await;
+    }
+    if remove_pods {
         components.remove_pods().await;
     }
     components.stop();
-    api.stop();
+    if let Some(api) = api {
+        api.stop();
+    }
     if let Some((_, task)) = agent_server {
         task.abort();
     }
@@ -222,12 +275,18 @@ pub async fn run_foreground(options: UpOptions, shutdown: impl Future<Output = (
     Ok(())
 }
 
-/// The node agent's HTTPS API on 127.0.0.1, with a certificate from the cluster CA.
+/// The node agent's HTTPS API on `listen` (127.0.0.1 next to the API server, every address on a joined node), with
+/// a certificate from `credentials`' CA; callers must present `token`.
 async fn start_agent_server(
     options: &UpOptions,
     credentials: &tls::Credentials,
+    listen: std::net::IpAddr,
+    token: &str,
 ) -> anyhow::Result<(SocketAddr, tokio::task::JoinHandle<()>)> {
     let mut names = vec!["localhost".to_string(), "127.0.0.1".to_string()];
+    if listen.is_unspecified() {
+        names.push(crate::cluster::agent::primary_ipv4().to_string());
+    }
     if options
         .node_name
         .bytes()
@@ -238,10 +297,10 @@ async fn start_agent_server(
     let (cert, key) = tls::issue_serving_cert(credentials, &format!("system:node:{}", options.node_name), &names)?;
     let serving = tls::server_config_from_pem(&cert, &key)?;
     let config = |port: u16| AgentServerConfig {
-        listen: SocketAddr::from(([127, 0, 0, 1], port)),
+        listen: SocketAddr::new(listen, port),
         cri_endpoint: options.endpoint(),
         tls: Some(serving.clone()),
-        token: credentials.token.clone(),
+        token: token.to_string(),
         streaming_tls: None,
     };
     let port = options.kubelet_port.unwrap_or(agent_server::DEFAULT_PORT);
@@ -353,15 +412,15 @@ fn print_usage(kubeconfig: &Path) {
     println!("export KUBECONFIG={}", kubeconfig.display());
 }
 
-/// The pid of a live cluster process of this data dir.
-fn running_pid(data_dir: &Path) -> Option<i32> {
+/// The pid of a live cluster (or joined node) process of this data dir.
+pub(crate) fn running_pid(data_dir: &Path) -> Option<i32> {
     let pid: i32 = std::fs::read_to_string(data_dir.join(PID_FILE))
         .ok()?
         .trim()
         .parse()
         .ok()?;
     let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).ok()?;
-    let is_up = cmdline.split(|b| *b == 0).any(|arg| arg == b"up");
+    let is_up = cmdline.split(|b| *b == 0).any(|arg| arg == b"up" || arg == b"join");
     is_up.then_some(pid)
 }
 

@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use tempfile::TempDir;
 
-use super::daemon::{remove_all_sandboxes, remove_test_network, test_network_config};
+use super::daemon::{remove_all_sandboxes, remove_test_network, test_network_config_for_nodes};
 
 pub struct Cluster {
     child: Option<Child>,
@@ -31,7 +31,12 @@ impl Cluster {
             .prefix("podvisor-cluster-")
             .tempdir()
             .expect("tempdir");
-        let (network, bridge, nat) = test_network_config();
+        let nodes = args
+            .iter()
+            .position(|a| *a == "--nodes")
+            .and_then(|i| args.get(i + 1)?.parse().ok())
+            .unwrap_or(1);
+        let (network, bridge, nat) = test_network_config_for_nodes(nodes);
         std::fs::write(dir.path().join("config.toml"), format!("{daemon_config}\n{network}")).unwrap();
         let mut cluster = Cluster {
             child: None,
@@ -212,39 +217,86 @@ impl Cluster {
     /// short-lived `podvisor daemon` on the same directories does it.
     fn remove_pods(&self) {
         let path = |p: &str| self.dir.path().join(p);
-        let Ok(mut daemon) = Command::new(env!("CARGO_BIN_EXE_podvisor"))
-            .arg("daemon")
-            .args(["--listen", &self.endpoint()])
-            .arg("--root")
-            .arg(path("root"))
-            .arg("--state")
-            .arg(path("state"))
-            .arg("--config")
-            .arg(path("config.toml"))
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-        else {
+        remove_pods_of(&self.endpoint(), &path("root"), &path("state"), &path("config.toml"));
+    }
+
+    /// The extra nodes of `--nodes N` (`podvisor join` processes): killed, their
+    /// pods removed and their networks deleted.
+    fn remove_extra_nodes(&self) {
+        let Ok(entries) = std::fs::read_dir(self.data_dir().join("nodes")) else {
             return;
         };
-        let socket = path("cri.sock");
-        let deadline = Instant::now() + Duration::from_secs(20);
-        while !socket.exists() && Instant::now() < deadline && matches!(daemon.try_wait(), Ok(None)) {
-            std::thread::sleep(Duration::from_millis(10));
+        for entry in entries.flatten() {
+            let dir = entry.path();
+            let name = entry.file_name().to_string_lossy().into_owned();
+            if let Some(pid) = std::fs::read_to_string(dir.join("up.pid"))
+                .ok()
+                .and_then(|p| p.trim().parse::<i32>().ok())
+            {
+                let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGKILL);
+                let deadline = Instant::now() + Duration::from_secs(5);
+                while std::path::Path::new(&format!("/proc/{pid}")).exists() && Instant::now() < deadline {
+                    std::thread::sleep(Duration::from_millis(10));
+                }
+            }
+            let sibling = |p: &str| self.dir.path().join(format!("{p}-{name}"));
+            let config = dir.join("config.toml");
+            let endpoint = format!("unix://{}", dir.join("cri.sock").display());
+            remove_pods_of(&endpoint, &sibling("root"), &sibling("state"), &config);
+            let text = std::fs::read_to_string(&config).unwrap_or_default();
+            let value = |key: &str| {
+                text.lines()
+                    .find_map(|l| {
+                        l.trim()
+                            .strip_prefix(key)?
+                            .trim()
+                            .strip_prefix('=')
+                            .map(|v| v.trim().trim_matches('"').to_string())
+                    })
+                    .unwrap_or_default()
+            };
+            remove_test_network(&value("bridge"), &value("nat_name"));
         }
-        remove_all_sandboxes(self.endpoint());
-        let _ = nix::sys::signal::kill(
-            nix::unistd::Pid::from_raw(daemon.id() as i32),
-            nix::sys::signal::Signal::SIGTERM,
-        );
-        let _ = daemon.wait();
     }
+}
+
+/// Removes every pod sandbox of a CRI daemon whose process is gone, through a short-lived daemon on its directories.
+fn remove_pods_of(endpoint: &str, root: &std::path::Path, state: &std::path::Path, config: &std::path::Path) {
+    let socket = std::path::Path::new(endpoint.trim_start_matches("unix://"));
+    // A dead daemon's socket file stays: the new daemon's socket is awaited below.
+    let _ = std::fs::remove_file(socket);
+    let Ok(mut daemon) = Command::new(env!("CARGO_BIN_EXE_podvisor"))
+        .arg("daemon")
+        .args(["--listen", endpoint])
+        .arg("--root")
+        .arg(root)
+        .arg("--state")
+        .arg(state)
+        .arg("--config")
+        .arg(config)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+    else {
+        return;
+    };
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !socket.exists() && Instant::now() < deadline && matches!(daemon.try_wait(), Ok(None)) {
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    remove_all_sandboxes(endpoint.to_string());
+    let _ = nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(daemon.id() as i32),
+        nix::sys::signal::Signal::SIGTERM,
+    );
+    let _ = daemon.wait();
 }
 
 impl Drop for Cluster {
     fn drop(&mut self) {
         self.kill();
+        self.remove_extra_nodes();
         self.remove_pods();
         let dir = self.dir.path().display().to_string();
         for pid in super::cri::processes_mentioning(&format!("monitor {dir}")) {

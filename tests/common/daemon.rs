@@ -22,8 +22,14 @@ pub struct Daemon {
 /// A built-in network of the test's own (bridge, subnet, NAT table), so that
 /// daemons under test run side by side without touching the node's.
 pub fn test_network_config() -> (String, String, String) {
+    test_network_config_for_nodes(1)
+}
+
+/// As [`test_network_config`], keeping the next `nodes - 1` subnets free for the
+/// extra nodes of `podvisor up --nodes`, which take the subnets after this one.
+pub fn test_network_config_for_nodes(nodes: u32) -> (String, String, String) {
     static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
-    let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let n = NEXT.fetch_add(nodes.max(1), std::sync::atomic::Ordering::Relaxed);
     let pid = std::process::id();
     let bridge = format!("pvt{:04}{:02}", pid % 10000, n % 100);
     let nat = format!("pvt_{pid}_{n}");

@@ -395,6 +395,8 @@ mod tests {
             cluster_domain: "cluster.local".into(),
             api_port: None,
             log_rotation: Default::default(),
+            kubelet_ca_pem: None,
+            lease_duration: std::time::Duration::from_secs(40),
         }
     }
 

@@ -37,6 +37,7 @@ use crate::cluster::events::Recorder;
 use crate::cluster::informer::{Change, Informer};
 
 pub use cri::Cri;
+pub use machine::primary_ipv4;
 
 /// Labels the agent puts on everything it creates through CRI.
 pub mod labels {
@@ -72,6 +73,10 @@ pub struct AgentOptions {
     /// The port of the agent's API (logs, exec, ...), published in the Node's daemonEndpoints.
     pub api_port: Option<u16>,
     pub log_rotation: logrotate::LogRotation,
+    /// The CA of the agent API's certificate when it is not the cluster CA (a joined node), published on the Node.
+    pub kubelet_ca_pem: Option<String>,
+    /// The node Lease's duration; it is renewed every quarter of it (kubelet's nodeLeaseDurationSeconds, 40).
+    pub lease_duration: Duration,
 }
 
 /// What every part of the agent shares.

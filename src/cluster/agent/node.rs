@@ -18,9 +18,6 @@ use crate::cluster::client::ClientError;
 use crate::cluster::events::{EventType, now};
 
 const LEASE_NAMESPACE: &str = "kube-node-lease";
-const LEASE_SECONDS: i32 = 40;
-/// How often the Lease is renewed and the node status posted.
-const HEARTBEAT: Duration = Duration::from_secs(10);
 /// How often runtime readiness is checked between heartbeats.
 const READINESS_CHECK: Duration = Duration::from_secs(2);
 
@@ -61,7 +58,9 @@ pub async fn run(ctx: Arc<Context>) {
         ready_since: started.clone(),
         started,
     };
-    let mut last_post = Instant::now() - HEARTBEAT;
+    // The Lease is renewed and the status posted every quarter of the lease duration, as kubelet does.
+    let heartbeat = (beat.ctx.options.lease_duration / 4).max(Duration::from_millis(200));
+    let mut last_post = Instant::now() - heartbeat;
     loop {
         let readiness = beat.readiness().await;
         let changed = beat.readiness.as_ref() != Some(&readiness);
@@ -79,7 +78,7 @@ pub async fn run(ctx: Arc<Context>) {
             );
             beat.readiness = Some(readiness);
         }
-        if changed || last_post.elapsed() >= HEARTBEAT {
+        if changed || last_post.elapsed() >= heartbeat {
             last_post = Instant::now();
             if let Err(err) = beat.post_status().await {
                 tracing::warn!(error = %crate::error_chain(&err), "posting the node status");
@@ -89,7 +88,7 @@ pub async fn run(ctx: Arc<Context>) {
                 beat.lease = None;
             }
         }
-        tokio::time::sleep(READINESS_CHECK).await;
+        tokio::time::sleep(READINESS_CHECK.min(heartbeat)).await;
     }
 }
 
@@ -118,6 +117,12 @@ fn labels(ctx: &Context) -> BTreeMap<String, String> {
     .collect()
 }
 
+fn annotations(ctx: &Context) -> Option<BTreeMap<String, String>> {
+    let ca = ctx.options.kubelet_ca_pem.as_ref()?;
+    let key = crate::cluster::apiserver::node_proxy::KUBELET_CA_ANNOTATION;
+    Some([(key.to_string(), ca.clone())].into())
+}
+
 /// Creates the Node, or updates the one a previous run registered.
 async fn register(ctx: &Context) -> Result<Node, ClientError> {
     let name = &ctx.options.node_name;
@@ -125,6 +130,7 @@ async fn register(ctx: &Context) -> Result<Node, ClientError> {
         metadata: ObjectMeta {
             name: Some(name.clone()),
             labels: Some(labels(ctx)),
+            annotations: annotations(ctx),
             ..Default::default()
         },
         ..Default::default()
@@ -138,7 +144,7 @@ async fn register(ctx: &Context) -> Result<Node, ClientError> {
             let mut existing: Node = ctx.client.get(None, name).await?;
             let mut merged = existing.metadata.labels.take().unwrap_or_default();
             merged.extend(labels(ctx));
-            let patch = json!({"metadata": {"labels": merged}});
+            let patch = json!({"metadata": {"labels": merged, "annotations": annotations(ctx)}});
             let node = ctx.client.merge_patch::<Node>(None, name, None, &patch).await?;
             tracing::info!(node = %name, "node re-registered");
             Ok(node)
@@ -299,7 +305,7 @@ impl Heartbeat {
             Some(mut lease) => {
                 let spec = lease.spec.get_or_insert_with(Default::default);
                 spec.holder_identity = Some(name.clone());
-                spec.lease_duration_seconds = Some(LEASE_SECONDS);
+                spec.lease_duration_seconds = Some(self.ctx.options.lease_duration.as_secs().max(1) as i32);
                 spec.renew_time = renew;
                 client.replace(Some(LEASE_NAMESPACE), name, &lease).await?
             }
@@ -319,7 +325,7 @@ impl Heartbeat {
                     },
                     spec: Some(LeaseSpec {
                         holder_identity: Some(name.clone()),
-                        lease_duration_seconds: Some(LEASE_SECONDS),
+                        lease_duration_seconds: Some(self.ctx.options.lease_duration.as_secs().max(1) as i32),
                         renew_time: renew,
                         ..Default::default()
                     }),

@@ -109,10 +109,17 @@ pub(super) fn node_request(
     })
 }
 
-/// Proxies to node agents over HTTPS: the agent's certificate must chain to the cluster CA and name the address
-/// dialled; the API server authenticates with the cluster token.
+/// A Node annotation with the PEM CA of a node agent whose serving certificate is not from the cluster CA (a node
+/// that joined: it has no cluster CA key). Publishing it takes the same rights as publishing the node's address.
+pub const KUBELET_CA_ANNOTATION: &str = "podvisor.io/kubelet-ca";
+
+/// Proxies to node agents over HTTPS: the agent's certificate must chain to the cluster CA (or the CA the node
+/// publishes in [`KUBELET_CA_ANNOTATION`]) and name the address dialled; the API server authenticates with the
+/// cluster token.
 pub struct KubeletProxy {
     tls: Arc<rustls::ClientConfig>,
+    /// Client configurations for nodes' own CAs, by PEM.
+    node_cas: std::sync::Mutex<std::collections::HashMap<String, Arc<rustls::ClientConfig>>>,
     authorization: String,
     /// The agent in this process: its node's name and address (used before the Node's published endpoint).
     local: Option<(String, SocketAddr)>,
@@ -122,6 +129,7 @@ impl KubeletProxy {
     pub fn new(ca_pem: &str, token: &str) -> anyhow::Result<Self> {
         Ok(KubeletProxy {
             tls: super::tls::client_config(ca_pem)?,
+            node_cas: Default::default(),
             authorization: format!("Bearer {token}"),
             local: None,
         })
@@ -168,10 +176,32 @@ impl KubeletProxy {
                     .map_err(|_| ApiError::internal(format!("node {node_name:?} has an invalid address {host:?}")))?,
             ),
         };
+        let node_ca = target
+            .node
+            .as_ref()
+            .and_then(|n| n.pointer("/metadata/annotations")?.get(KUBELET_CA_ANNOTATION)?.as_str());
+        let tls = match node_ca {
+            Some(pem) => self.node_ca_config(pem)?,
+            None => self.tls.clone(),
+        };
         Ok(Upstream {
             authority,
-            tls: Some((self.tls.clone(), server_name)),
+            tls: Some((tls, server_name)),
         })
+    }
+
+    fn node_ca_config(&self, pem: &str) -> ApiResult<Arc<rustls::ClientConfig>> {
+        let mut cached = self.node_cas.lock().unwrap();
+        if let Some(config) = cached.get(pem) {
+            return Ok(config.clone());
+        }
+        let config = super::tls::client_config(pem)
+            .map_err(|e| ApiError::internal(format!("the node's {KUBELET_CA_ANNOTATION} annotation: {e:#}")))?;
+        if cached.len() > 256 {
+            cached.clear();
+        }
+        cached.insert(pem.to_string(), config.clone());
+        Ok(config)
     }
 }
 

@@ -1,0 +1,223 @@
+//! `podvisor up --nodes N`: N-1 more nodes on this machine, each a
+//! `podvisor join` process with its own CRI daemon (root, state, socket) and
+//! its own built-in pod network (bridge, subnet, NAT table), joined to the
+//! cluster through the kubeconfig `up` wrote. They share the host's network
+//! namespace: pods reach each other across nodes by pod IP through the host's
+//! routing, and hostPorts of two nodes must not collide.
+//!
+//! A node process outlives a `kill -9` of `up`, as containers do; `up` adopts
+//! it again at its next start. Stopping `up` stops them; `down` also has them
+//! remove their pods.
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+
+use super::up::UpOptions;
+
+pub struct LocalNodes {
+    nodes: Vec<LocalNode>,
+}
+
+struct LocalNode {
+    name: String,
+    dir: PathBuf,
+    pid: i32,
+    /// Our own child (reaped on stop); None for an adopted process.
+    child: Option<std::process::Child>,
+}
+
+/// The name of the `index`-th extra node (2, 3, ...).
+pub fn node_name(first: &str, index: usize) -> String {
+    format!("{first}-{index}")
+}
+
+/// The network section of the `index`-th extra node: the next blocks after the
+/// base subnet, a bridge and NAT table of its own.
+pub fn network_for(
+    base: &crate::config::BuiltinNetworkConfig,
+    index: usize,
+) -> anyhow::Result<(String, String, String)> {
+    let net: ipnet::Ipv4Net = base.subnet.parse().context("network.builtin.subnet")?;
+    let block = 1u64 << (32 - u32::from(net.prefix_len()));
+    let start = u64::from(u32::from(net.network())) + block * (index as u64 - 1);
+    anyhow::ensure!(
+        start + block <= 1 << 32,
+        "no room for node {index}'s subnet after {}",
+        base.subnet
+    );
+    let subnet = ipnet::Ipv4Net::new(std::net::Ipv4Addr::from(start as u32), net.prefix_len())?;
+    let suffix = format!("n{index}");
+    let keep = 15usize.saturating_sub(suffix.len()).min(base.bridge.len());
+    let bridge = format!("{}{suffix}", &base.bridge[..keep]);
+    let nat = format!("{}_{suffix}", base.nat_name);
+    Ok((bridge, subnet.to_string(), nat))
+}
+
+/// The daemon config of an extra node: the base file's text with its own network.
+fn node_config(options: &UpOptions, index: usize) -> anyhow::Result<String> {
+    let path = &options.daemon.config_path;
+    let text = match std::fs::read_to_string(path) {
+        Ok(text) => text,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound && !options.daemon.config_explicit => String::new(),
+        Err(e) => return Err(e).with_context(|| format!("reading {}", path.display())),
+    };
+    let config = crate::config::Config::parse(&text).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
+    let mut table: toml::Table = text.parse().with_context(|| format!("parsing {}", path.display()))?;
+    let (bridge, subnet, nat) = network_for(&config.network.builtin, index)?;
+    let network = table
+        .entry("network")
+        .or_insert_with(|| toml::Value::Table(Default::default()))
+        .as_table_mut()
+        .context("[network] is not a table")?;
+    let builtin = network
+        .entry("builtin")
+        .or_insert_with(|| toml::Value::Table(Default::default()))
+        .as_table_mut()
+        .context("[network.builtin] is not a table")?;
+    builtin.insert("bridge".into(), bridge.into());
+    builtin.insert("subnet".into(), subnet.into());
+    builtin.insert("nat_name".into(), nat.into());
+    builtin.remove("subnet_v6");
+    Ok(toml::to_string(&table)?)
+}
+
+fn sibling(path: &Path, name: &str) -> PathBuf {
+    let mut text = path.as_os_str().to_owned();
+    text.push(format!("-{name}"));
+    PathBuf::from(text)
+}
+
+impl LocalNodes {
+    /// Starts (or adopts) nodes 2..=N.
+    pub fn start(options: &UpOptions) -> anyhow::Result<LocalNodes> {
+        let exe = std::env::current_exe()?;
+        let mut nodes = Vec::new();
+        for index in 2..=options.nodes {
+            let name = node_name(&options.node_name, index);
+            let dir = options.data_dir.join("nodes").join(&name);
+            crate::sys::fs::ensure_dir(&dir, 0o700)?;
+            if let Some(pid) = super::up::running_pid(&dir) {
+                tracing::info!(node = %name, pid, "adopting a running node process");
+                nodes.push(LocalNode {
+                    name,
+                    dir,
+                    pid,
+                    child: None,
+                });
+                continue;
+            }
+            let config = dir.join("config.toml");
+            std::fs::write(&config, node_config(options, index)?)?;
+            let log = std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(dir.join("node.log"))?;
+            let mut command = std::process::Command::new(&exe);
+            command
+                .arg("join")
+                .arg("--kubeconfig")
+                .arg(&options.kubeconfig)
+                .args(["--node-name", &name])
+                .arg("--data-dir")
+                .arg(&dir)
+                .arg("--listen")
+                .arg(format!("unix://{}", dir.join("cri.sock").display()))
+                .arg("--root")
+                .arg(sibling(&options.daemon.root, &name))
+                .arg("--state")
+                .arg(sibling(&options.daemon.state, &name))
+                .arg("--config")
+                .arg(&config)
+                .arg("--pod-log-dir")
+                .arg(&options.pod_log_dir)
+                .arg("--node-lease-duration-seconds")
+                .arg(options.node_lease_duration.as_secs().to_string())
+                .arg("--container-log-max-size")
+                .arg(options.log_rotation.max_size.to_string())
+                .arg("--container-log-max-files")
+                .arg(options.log_rotation.max_files.to_string())
+                .arg("--container-log-monitor-interval")
+                .arg(format!("{}ms", options.log_rotation.interval.as_millis()))
+                .stdin(std::process::Stdio::null())
+                .stdout(log.try_clone()?)
+                .stderr(log);
+            {
+                use std::os::unix::process::CommandExt;
+                // SAFETY: setsid is async-signal-safe; nothing else runs between fork and exec.
+                unsafe {
+                    command.pre_exec(|| {
+                        libc::setsid();
+                        Ok(())
+                    });
+                }
+            }
+            let child = command.spawn().with_context(|| format!("starting node {name}"))?;
+            tracing::info!(node = %name, pid = child.id(), "started a node process");
+            nodes.push(LocalNode {
+                name,
+                dir,
+                pid: child.id() as i32,
+                child: Some(child),
+            });
+        }
+        Ok(LocalNodes { nodes })
+    }
+
+    /// Stops every node process; with `remove_pods` they remove their pods first.
+    pub async fn stop(self, remove_pods: bool) {
+        for node in &self.nodes {
+            if remove_pods {
+                let _ = std::fs::write(node.dir.join(super::up::DOWN_FILE), b"");
+            }
+            let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(node.pid), nix::sys::signal::Signal::SIGTERM);
+        }
+        let deadline = Instant::now() + Duration::from_secs(120);
+        for mut node in self.nodes {
+            loop {
+                let gone = match node.child.as_mut() {
+                    Some(child) => !matches!(child.try_wait(), Ok(None)),
+                    None => !Path::new(&format!("/proc/{}", node.pid)).exists(),
+                };
+                if gone {
+                    break;
+                }
+                if Instant::now() > deadline {
+                    tracing::warn!(node = %node.name, pid = node.pid, "node process did not stop in 120 s");
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn extra_nodes_take_the_next_subnets() {
+        let base = crate::config::BuiltinNetworkConfig::default();
+        assert_eq!(
+            network_for(&base, 2).unwrap(),
+            ("podvisor0n2".into(), "10.89.0.0/16".into(), "podvisor_n2".into())
+        );
+        assert_eq!(network_for(&base, 3).unwrap().1, "10.90.0.0/16");
+        let long = crate::config::BuiltinNetworkConfig {
+            bridge: "abcdefghijklmno".into(),
+            subnet: "10.1.2.0/24".into(),
+            ..Default::default()
+        };
+        assert_eq!(
+            network_for(&long, 2).unwrap(),
+            ("abcdefghijklmn2".into(), "10.1.3.0/24".into(), "podvisor_n2".into())
+        );
+        let full = crate::config::BuiltinNetworkConfig {
+            subnet: "255.255.255.0/24".into(),
+            ..Default::default()
+        };
+        assert!(network_for(&full, 2).is_err());
+    }
+}

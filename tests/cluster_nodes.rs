@@ -1,0 +1,149 @@
+//! `podvisor up --nodes 3`: three nodes on this machine (the cluster process
+//! and two `podvisor join` processes, each with its own CRI daemon and pod
+//! network), driven by the real `kubectl`: pods spread over the nodes, logs
+//! and exec reach a joined node's agent, pods reach each other across nodes
+//! by pod IP, and a node that dies has its pods evicted.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::cluster::Cluster;
+use common::oci::{Flavour, TestImage};
+use common::push::push_image;
+use common::registry::Registry;
+
+const WAIT: Duration = Duration::from_secs(60);
+
+fn pod(name: &str, image: &str) -> String {
+    format!(
+        "apiVersion: v1
+kind: Pod
+metadata: {{name: {name}, labels: {{app: spread}}}}
+spec:
+  terminationGracePeriodSeconds: 0
+  containers:
+  - name: web
+    image: {image}
+    command: [sh, -c, 'mkdir -p /www && hostname > /www/index.html && echo serving {name} && exec httpd -f -p 8080 -h /www']
+    resources: {{requests: {{cpu: 100m}}}}
+"
+    )
+}
+
+fn http_from(c: &Cluster, pod: &str, ip: &str) -> String {
+    let request = format!("printf 'GET / HTTP/1.0\\r\\n\\r\\n' | nc -w 3 {ip} 8080");
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let out = c.kubectl(&["exec", pod, "--", "sh", "-c", &request]);
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        if out.status.success() && text.contains("200 OK") {
+            return text;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{pod} never got an answer from {ip}: {text} {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        std::thread::sleep(Duration::from_millis(300));
+    }
+}
+
+#[test]
+fn three_nodes_spread_talk_and_fail_over() {
+    let registry = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap()
+        .block_on(async {
+            let registry = Registry::start().await;
+            push_image(
+                &registry.url(),
+                "test/busybox",
+                "latest",
+                &TestImage::busybox(),
+                Flavour::Oci,
+            )
+            .await;
+            registry
+        });
+    let image = format!("{}/test/busybox:latest", registry.host());
+    let c = Cluster::start_with(
+        &[
+            "--nodes",
+            "3",
+            "--node-name",
+            "alpha",
+            "--node-lease-duration-seconds",
+            "2",
+            "--node-monitor-grace-period",
+            "3s",
+            "--pod-eviction-timeout",
+            "2s",
+        ],
+        "",
+    );
+    let ready = "jsonpath={range .items[*]}{.metadata.name}={.status.conditions[?(@.type==\"Ready\")].status} {end}";
+    let nodes = c.wait_output(&["get", "nodes", "-o", ready], WAIT, |o| {
+        o.split_whitespace().filter(|n| n.ends_with("=True")).count() == 3
+    });
+    assert_eq!(nodes.trim(), "alpha=True alpha-2=True alpha-3=True");
+
+    // Spread: equal requests on equal nodes put one pod on each.
+    let manifest: Vec<String> = ["p1", "p2", "p3"].iter().map(|n| pod(n, &image)).collect();
+    let file = c.file("pods.yaml", &manifest.join("---\n"));
+    c.ok(&["apply", "-f", &file]);
+    let placement = "jsonpath={range .items[*]}{.metadata.name}:{.spec.nodeName}:{.status.podIP}:{.status.phase} {end}";
+    let out = c.wait_output(&["get", "pods", "-o", placement], WAIT, |o| {
+        o.split_whitespace().filter(|p| p.ends_with(":Running")).count() == 3
+    });
+    let pods: Vec<(String, String, String)> = out
+        .split_whitespace()
+        .map(|p| {
+            let parts: Vec<&str> = p.split(':').collect();
+            (parts[0].into(), parts[1].into(), parts[2].into())
+        })
+        .collect();
+    let mut on: Vec<&str> = pods.iter().map(|(_, node, _)| node.as_str()).collect();
+    on.sort();
+    assert_eq!(on, ["alpha", "alpha-2", "alpha-3"], "{out}");
+    let on_node = |node: &str| pods.iter().find(|(_, n, _)| n == node).unwrap().clone();
+    let (second, _, second_ip) = on_node("alpha-2");
+    let (third, _, third_ip) = on_node("alpha-3");
+    let (first, _, first_ip) = on_node("alpha");
+    // Different nodes, different pod subnets.
+    assert_ne!(
+        first_ip.rsplit_once('.').unwrap().0,
+        second_ip.rsplit_once('.').unwrap().0
+    );
+
+    // A joined node's agent serves logs and exec through the API server.
+    c.wait_output(&["logs", &second], WAIT, |l| l.contains(&format!("serving {second}")));
+    assert_eq!(c.ok(&["exec", &second, "--", "hostname"]).trim(), second);
+
+    // Pods reach each other across nodes by pod IP.
+    assert!(http_from(&c, &third, &second_ip).contains(&second));
+    assert!(http_from(&c, &first, &third_ip).contains(&third));
+
+    // alpha-3 dies: NotReady after the grace period, its pod evicted.
+    let pid: i32 = std::fs::read_to_string(c.data_dir().join("nodes/alpha-3/up.pid"))
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGKILL).unwrap();
+    let died = Instant::now();
+    c.wait_output(
+        &["get", "node", "alpha-3", "-o", ready.replace(".items[*]", "").as_str()],
+        WAIT,
+        |o| o.contains("=Unknown"),
+    );
+    c.wait_output(
+        &["get", "pod", &third, "-o", "jsonpath={.metadata.deletionTimestamp}"],
+        WAIT,
+        |t| !t.is_empty(),
+    );
+    eprintln!("node death → pod marked for deletion: {:?}", died.elapsed());
+    // The others keep serving.
+    assert!(http_from(&c, &first, &second_ip).contains(&second));
+}
