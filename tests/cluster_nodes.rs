@@ -146,4 +146,41 @@ fn three_nodes_spread_talk_and_fail_over() {
     eprintln!("node death → pod marked for deletion: {:?}", died.elapsed());
     // The others keep serving.
     assert!(http_from(&c, &first, &second_ip).contains(&second));
+
+    // kill -9 of the cluster process: the node processes live on and are adopted.
+    let mut c = c;
+    let container = "jsonpath={.status.containerStatuses[0].containerID}";
+    let second_container = c.ok(&["get", "pod", &second, "-o", container]);
+    let alpha2 = std::fs::read_to_string(c.data_dir().join("nodes/alpha-2/up.pid")).unwrap();
+    c.restart();
+    assert_eq!(
+        std::fs::read_to_string(c.data_dir().join("nodes/alpha-2/up.pid")).unwrap(),
+        alpha2
+    );
+    c.wait_output(&["get", "nodes", "-o", ready], WAIT, |o| o.contains("alpha-2=True"));
+    assert_eq!(c.ok(&["get", "pod", &second, "-o", container]), second_container);
+    assert!(http_from(&c, &first, &second_ip).contains(&second));
+
+    // down stops the node processes, which remove their pods.
+    let monitors = format!("monitor {}", c.dir.path().join("state-alpha-2").display());
+    assert!(!common::cri::processes_mentioning(&monitors).is_empty());
+    let down = std::process::Command::new(env!("CARGO_BIN_EXE_podvisor"))
+        .arg("down")
+        .arg("--data-dir")
+        .arg(c.data_dir())
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    assert!(c.wait_exit(WAIT).is_some_and(|s| s.success()), "{}", c.log());
+    assert!(down.wait_with_output().unwrap().status.success());
+    let alpha2_pid = format!("/proc/{}", alpha2.trim());
+    assert!(
+        !std::path::Path::new(&alpha2_pid).exists(),
+        "alpha-2's process outlived down"
+    );
+    let monitors = format!("monitor {}", c.dir.path().join("root-alpha-2").display());
+    assert!(
+        common::cri::processes_mentioning(&monitors).is_empty(),
+        "alpha-2's containers outlived down"
+    );
 }
