@@ -125,8 +125,17 @@ enum Command {
     /// foreground, reaching the API server named in the cluster's kubeconfig.
     Join {
         /// The cluster's kubeconfig (server, CA and token), as `podvisor up` wrote it.
+        #[arg(long, required_unless_present = "server", conflicts_with = "server")]
+        kubeconfig: Option<PathBuf>,
+        /// The API server's URL, e.g. https://10.0.0.5:6443 (with --token and --ca-cert-hash, as printed by `up`).
+        #[arg(long, requires_all = ["token", "ca_cert_hash"])]
+        server: Option<String>,
+        /// The cluster's token.
         #[arg(long)]
-        kubeconfig: PathBuf,
+        token: Option<String>,
+        /// `sha256:<hex>` of the cluster CA certificate; the CA fetched from the server must match it.
+        #[arg(long)]
+        ca_cert_hash: Option<String>,
         /// The node's name [default: the host name].
         #[arg(long)]
         node_name: Option<String>,
@@ -300,6 +309,9 @@ fn up_options(command: &Command) -> Option<podvisor::cluster::up::UpOptions> {
 fn join_options(command: &Command) -> Option<podvisor::cluster::up::UpOptions> {
     let Command::Join {
         kubeconfig,
+        server,
+        token,
+        ca_cert_hash,
         node_name,
         data_dir,
         kubelet_port,
@@ -317,9 +329,18 @@ fn join_options(command: &Command) -> Option<podvisor::cluster::up::UpOptions> {
     else {
         return None;
     };
+    let target = match (kubeconfig, server, token, ca_cert_hash) {
+        (Some(path), ..) => podvisor::cluster::up::JoinTarget::Kubeconfig(path.clone()),
+        (None, Some(server), Some(token), Some(hash)) => podvisor::cluster::up::JoinTarget::Token {
+            server: server.clone(),
+            token: token.clone(),
+            ca_cert_hash: hash.clone(),
+        },
+        _ => unreachable!("clap requires --kubeconfig or --server, --token and --ca-cert-hash"),
+    };
     Some(podvisor::cluster::up::UpOptions {
         data_dir: data_dir.clone(),
-        kubeconfig: kubeconfig.clone(),
+        kubeconfig: kubeconfig.clone().unwrap_or_else(|| data_dir.join("kubeconfig")),
         api_address: podvisor::cluster::up::DEFAULT_API_ADDRESS
             .parse()
             .expect("a socket address"),
@@ -342,7 +363,7 @@ fn join_options(command: &Command) -> Option<podvisor::cluster::up::UpOptions> {
             max_files: *container_log_max_files as usize,
             interval: *container_log_monitor_interval,
         },
-        join: Some(kubeconfig.clone()),
+        join: Some(target),
         nodes: 1,
         node_lease_duration: std::time::Duration::from_secs(*node_lease_duration_seconds),
     })

@@ -184,3 +184,71 @@ fn three_nodes_spread_talk_and_fail_over() {
         "alpha-2's containers outlived down"
     );
 }
+
+/// `podvisor join --server --token --ca-cert-hash`, as printed by `up`: the CA
+/// fetched from the server must match the hash, then the node registers.
+#[test]
+fn join_with_a_token_checks_the_ca_hash() {
+    let c = Cluster::start();
+    let line = std::fs::read_to_string(c.data_dir().join("join-command")).unwrap();
+    let args: Vec<&str> = line.split_whitespace().collect();
+    assert_eq!(&args[..2], ["podvisor", "join"], "{line}");
+    let value = |flag: &str| args[args.iter().position(|a| *a == flag).unwrap() + 1].to_string();
+    let (server, token, hash) = (value("--server"), value("--token"), value("--ca-cert-hash"));
+    assert!(hash.starts_with("sha256:") && hash.len() == 7 + 64, "{hash}");
+
+    // The CA is public (no token needed); everything else is not.
+    let insecure = std::process::Command::new("kubectl")
+        .args(["--server", &server, "--insecure-skip-tls-verify", "--token", "wrong"])
+        .args(["get", "--raw", "/api/v1/namespaces/kube-public/configmaps/cluster-info"])
+        .output()
+        .unwrap();
+    assert!(String::from_utf8_lossy(&insecure.stdout).contains("BEGIN CERTIFICATE"));
+
+    let dir = tempfile::Builder::new().prefix("podvisor-join-").tempdir().unwrap();
+    let (network, bridge, nat) = common::daemon::test_network_config();
+    std::fs::write(dir.path().join("config.toml"), network).unwrap();
+    let join = |hash: &str| {
+        let path = |p: &str| dir.path().join(p);
+        let mut command = std::process::Command::new(env!("CARGO_BIN_EXE_podvisor"));
+        command
+            .args(["join", "--server", &server, "--token", &token, "--ca-cert-hash", hash])
+            .args(["--node-name", "joiner", "--kubelet-port", "0"])
+            .arg("--data-dir")
+            .arg(path("node"))
+            .arg("--listen")
+            .arg(format!("unix://{}", path("cri.sock").display()))
+            .arg("--root")
+            .arg(path("root"))
+            .arg("--state")
+            .arg(path("state"))
+            .arg("--config")
+            .arg(path("config.toml"))
+            .arg("--pod-log-dir")
+            .arg(path("logs"))
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped());
+        command
+    };
+    let forged = format!("sha256:{}", "0".repeat(64));
+    let refused = join(&forged).output().unwrap();
+    assert!(!refused.status.success());
+    let stderr = String::from_utf8_lossy(&refused.stderr);
+    assert!(stderr.contains("refusing to join"), "{stderr}");
+
+    struct Kill(std::process::Child, String, String);
+    impl Drop for Kill {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+            common::daemon::remove_test_network(&self.1, &self.2);
+        }
+    }
+    let mut joining = join(&hash);
+    let log = std::fs::File::create(dir.path().join("join.log")).unwrap();
+    joining.stdout(log.try_clone().unwrap()).stderr(log);
+    let _joined = Kill(joining.spawn().unwrap(), bridge, nat);
+    let ready = "jsonpath={.status.conditions[?(@.type==\"Ready\")].status}";
+    c.wait_output(&["get", "node", "joiner", "-o", ready], WAIT, |s| s == "True");
+}

@@ -27,6 +27,8 @@ const PID_FILE: &str = "up.pid";
 /// Present when `down` asked for the pods to be removed too.
 pub(crate) const DOWN_FILE: &str = "down-requested";
 const LOG_FILE: &str = "up.log";
+/// The `podvisor join` line for other machines.
+pub const JOIN_COMMAND_FILE: &str = "join-command";
 
 #[derive(Clone, Debug)]
 pub struct UpOptions {
@@ -51,12 +53,67 @@ pub struct UpOptions {
     pub pod_log_dir: PathBuf,
     /// When the node agent rotates container logs.
     pub log_rotation: crate::cluster::agent::logrotate::LogRotation,
-    /// Join the cluster of this kubeconfig as one more node (CRI daemon and node agent, no control plane).
-    pub join: Option<PathBuf>,
+    /// Join that cluster as one more node (CRI daemon and node agent, no control plane).
+    pub join: Option<JoinTarget>,
     /// Nodes on this machine, this one included: the others run as `podvisor join` processes.
     pub nodes: usize,
     /// The node agents' Lease duration (renewed every quarter of it).
     pub node_lease_duration: Duration,
+}
+
+/// How a joining node reaches and trusts the cluster.
+#[derive(Clone, Debug)]
+pub enum JoinTarget {
+    /// A kubeconfig with server, CA and token (as `up` writes it).
+    Kubeconfig(PathBuf),
+    /// A server and token; the CA is fetched from the server and must have this hash (`sha256:<hex>`).
+    Token {
+        server: String,
+        token: String,
+        ca_cert_hash: String,
+    },
+}
+
+impl JoinTarget {
+    pub async fn client(&self) -> anyhow::Result<Client> {
+        match self {
+            JoinTarget::Kubeconfig(path) => Client::from_kubeconfig(path)
+                .with_context(|| format!("reading the cluster's kubeconfig {}", path.display())),
+            JoinTarget::Token {
+                server,
+                token,
+                ca_cert_hash,
+            } => {
+                let server = server.trim_end_matches('/');
+                // Not yet trusted: the CA is checked against the hash before anything else is sent.
+                let insecure = reqwest::Client::builder()
+                    .danger_accept_invalid_certs(true)
+                    .connect_timeout(Duration::from_secs(5))
+                    .timeout(Duration::from_secs(10))
+                    .build()?;
+                let url = format!("{server}{}", crate::cluster::apiserver::CLUSTER_INFO_PATH);
+                let info: serde_json::Value = insecure
+                    .get(&url)
+                    .send()
+                    .await
+                    .and_then(|r| r.error_for_status())
+                    .with_context(|| format!("fetching the cluster CA from {url}"))?
+                    .json()
+                    .await
+                    .with_context(|| format!("reading {url}"))?;
+                let ca = info
+                    .pointer("/data/ca.crt")
+                    .and_then(serde_json::Value::as_str)
+                    .with_context(|| format!("{url} holds no data.ca.crt"))?;
+                let actual = tls::ca_cert_hash(ca)?;
+                anyhow::ensure!(
+                    actual.eq_ignore_ascii_case(ca_cert_hash.trim()),
+                    "the cluster CA at {server} has hash {actual}, not the expected {ca_cert_hash}: refusing to join"
+                );
+                Ok(Client::new(server, ca, token)?)
+            }
+        }
+    }
 }
 
 impl UpOptions {
@@ -192,9 +249,8 @@ pub async fn run_foreground(options: UpOptions, shutdown: impl Future<Output = (
     let mut api = None;
     let mut local_nodes = None;
     let (client, agent_server) = match &options.join {
-        Some(kubeconfig) => {
-            let client = Client::from_kubeconfig(kubeconfig)
-                .with_context(|| format!("reading the cluster's kubeconfig {}", kubeconfig.display()))?;
+        Some(target) => {
+            let client = target.client().await?;
             // No cluster CA key here: the agent's certificate comes from a CA of this node's own.
             let credentials = tls::load_or_create(&options.data_dir.join("kubelet"))?;
             let listen = std::net::IpAddr::from([0, 0, 0, 0]);
@@ -227,6 +283,7 @@ pub async fn run_foreground(options: UpOptions, shutdown: impl Future<Output = (
                 .await
                 .with_context(|| format!("starting the API server on {}", options.api_address))?;
             write_kubeconfig(&options.kubeconfig, &server.kubeconfig())?;
+            write_join_command(&options, &server)?;
             let client = Client::new(&server.url, &server.ca_pem, &server.token)?;
             if options.nodes > 1 {
                 local_nodes = Some(super::nodes::LocalNodes::start(&options)?);
@@ -330,6 +387,29 @@ async fn wait_for_socket(
     Ok(())
 }
 
+/// `<data-dir>/join-command`: the line that joins another machine to this cluster (printed by `up`).
+fn write_join_command(options: &UpOptions, server: &ApiServer) -> anyhow::Result<()> {
+    let host = match server.addr.ip() {
+        ip if ip.is_unspecified() => crate::cluster::agent::primary_ipv4().to_string(),
+        ip => ip.to_string(),
+    };
+    let line = format!(
+        "podvisor join --server https://{host}:{} --token {} --ca-cert-hash {}\n",
+        server.addr.port(),
+        server.token,
+        tls::ca_cert_hash(&server.ca_pem)?
+    );
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut file = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(options.data_dir.join(JOIN_COMMAND_FILE))?;
+    std::io::Write::write_all(&mut file, line.as_bytes())?;
+    Ok(())
+}
+
 fn write_kubeconfig(path: &Path, text: &str) -> anyhow::Result<()> {
     use std::io::Write;
     use std::os::unix::fs::OpenOptionsExt;
@@ -405,6 +485,11 @@ pub fn run_detached(options: &UpOptions, foreground_args: Vec<std::ffi::OsString
         log_path.display()
     );
     print_usage(&options.kubeconfig);
+    if options.api_address.ip().is_loopback() {
+        println!("nodes on other machines can join once the API listens beyond loopback (--api-address 0.0.0.0:6443)");
+    } else if let Ok(line) = std::fs::read_to_string(options.data_dir.join(JOIN_COMMAND_FILE)) {
+        println!("to add a node on another machine: {}", line.trim());
+    }
     Ok(())
 }
 

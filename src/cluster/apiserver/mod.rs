@@ -56,9 +56,13 @@ impl Config {
     }
 }
 
+/// Served without a token, as kubeadm's kube-public ConfigMap: the CA a joining node checks against its hash.
+pub const CLUSTER_INFO_PATH: &str = "/api/v1/namespaces/kube-public/configmaps/cluster-info";
+
 pub(crate) struct State {
     pub store: Arc<dyn Store>,
     pub token: String,
+    pub ca_pem: String,
     pub hooks: Hooks,
 }
 
@@ -87,6 +91,7 @@ impl ApiServer {
         let state = Arc::new(State {
             store: store.clone(),
             token: creds.token.clone(),
+            ca_pem: creds.ca_pem.clone(),
             hooks: config.hooks,
         });
         handlers::bootstrap(&state).await?;
@@ -193,6 +198,14 @@ async fn route_inner(state: Arc<State>, req: hyper::Request<Incoming>) -> hyper:
     match path.as_str() {
         "/version" => return json_response(StatusCode::OK, &discovery::version(), "application/json"),
         "/healthz" | "/livez" | "/readyz" => return text(StatusCode::OK, "ok"),
+        CLUSTER_INFO_PATH if req.method() == http::Method::GET => {
+            let info = serde_json::json!({
+                "apiVersion": "v1", "kind": "ConfigMap",
+                "metadata": {"name": "cluster-info", "namespace": "kube-public"},
+                "data": {"ca.crt": state.ca_pem},
+            });
+            return json_response(StatusCode::OK, &info, "application/json");
+        }
         _ => {}
     }
     if !authorized(&state, &req) {

@@ -72,11 +72,19 @@ fn generate() -> anyhow::Result<(String, String, String, String)> {
     let ca_cert = ca.self_signed(&ca_key)?;
     let ca_key_pem = ca_key.serialize_pem();
     let issuer = Issuer::new(ca, ca_key);
-    let names = vec![
+    // The machine's address and name too, for nodes joining from elsewhere.
+    let mut names = vec![
         "localhost".to_string(),
         "127.0.0.1".to_string(),
         "kubernetes".to_string(),
+        crate::cluster::agent::primary_ipv4().to_string(),
     ];
+    names.extend(
+        nix::unistd::gethostname()
+            .ok()
+            .and_then(|h| h.into_string().ok())
+            .filter(|h| !h.is_empty() && h.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.')),
+    );
     let (cert_pem, key_pem) = serving_cert(&issuer, "podvisor-apiserver", names)?;
     Ok((ca_cert.pem(), ca_key_pem, cert_pem, key_pem))
 }
@@ -155,6 +163,16 @@ pub fn client_config(ca_pem: &str) -> anyhow::Result<Arc<rustls::ClientConfig>> 
         .with_no_client_auth();
     cfg.alpn_protocols = vec![b"http/1.1".to_vec()];
     Ok(Arc::new(cfg))
+}
+
+/// The hash a joining node checks the CA against: `sha256:<hex of the CA certificate's DER>`.
+pub fn ca_cert_hash(ca_pem: &str) -> anyhow::Result<String> {
+    use sha2::Digest;
+    let der = CertificateDer::pem_slice_iter(ca_pem.as_bytes())
+        .next()
+        .context("no certificate in the CA PEM")?
+        .context("CA PEM")?;
+    Ok(format!("sha256:{}", hex::encode(sha2::Sha256::digest(der.as_ref()))))
 }
 
 /// A kubeconfig (YAML) for this server: cluster with CA data, token user, context with namespace default.
