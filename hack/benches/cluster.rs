@@ -12,7 +12,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::daemon::{remove_test_network, test_network_config};
+use common::daemon::{remove_test_network, test_network_config_for_nodes};
 use common::oci::{Flavour, TestImage};
 use common::push::push_image;
 use common::registry::Registry;
@@ -121,16 +121,31 @@ impl Drop for Up {
             .stdout(Stdio::null())
             .status();
         remove_test_network(&self.network.0, &self.network.1);
+        // The extra nodes' networks (`--nodes`), named in their configs.
+        for entry in std::fs::read_dir(self.data_dir().join("nodes"))
+            .into_iter()
+            .flatten()
+            .flatten()
+        {
+            let text = std::fs::read_to_string(entry.path().join("config.toml")).unwrap_or_default();
+            let value = |key: &str| {
+                text.lines()
+                    .find_map(|l| l.trim().strip_prefix(key)?.trim().strip_prefix('='))
+                    .map(|v| v.trim().trim_matches('"').to_string())
+                    .unwrap_or_default()
+            };
+            remove_test_network(&value("bridge"), &value("nat_name"));
+        }
     }
 }
 
 /// `podvisor up` in the background, on a free port, in a temporary directory.
-fn start_up() -> (Up, Duration) {
+fn start_up(nodes: u32, extra_args: &[&str]) -> (Up, Duration) {
     let dir = tempfile::Builder::new()
         .prefix("podvisor-bench-")
         .tempdir()
         .expect("tempdir");
-    let (network, bridge, nat) = test_network_config();
+    let (network, bridge, nat) = test_network_config_for_nodes(nodes);
     std::fs::write(dir.path().join("config.toml"), network).unwrap();
     let up = Up {
         dir,
@@ -154,6 +169,8 @@ fn start_up() -> (Up, Duration) {
         .arg(path("state"))
         .arg("--config")
         .arg(path("config.toml"))
+        .args(["--nodes", &nodes.to_string()])
+        .args(extra_args)
         .env("RUST_LOG", "warn")
         .stdout(Stdio::null())
         .status()
@@ -263,7 +280,7 @@ async fn main() {
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(30);
-    let (up, up_took) = start_up();
+    let (up, up_took) = start_up(1, &[]);
     let started = Instant::now() - up_took;
     once("podvisor up (returns)", up_took);
     let client = Client::from_kubeconfig(&up.kubeconfig()).expect("kubeconfig");
@@ -364,4 +381,83 @@ async fn main() {
     if agent_node.is_some() {
         report("kubectl apply → Running", &mut applied_running);
     }
+    drop(up);
+    several_nodes().await;
+}
+
+/// `podvisor up --nodes 3`: time to three Ready nodes, idle RSS of the whole
+/// tree, and failover: a node's process killed → its pod marked for eviction.
+async fn several_nodes() {
+    let grace = [
+        "--node-lease-duration-seconds",
+        "4",
+        "--node-monitor-grace-period",
+        "5s",
+        "--pod-eviction-timeout",
+        "5s",
+    ];
+    let (up, up_took) = start_up(3, &grace);
+    let started = Instant::now() - up_took;
+    let client = Client::from_kubeconfig(&up.kubeconfig()).expect("kubeconfig");
+    loop {
+        let ready = client
+            .list::<Node>(None, &ListParams::default())
+            .await
+            .map(|l| l.items.iter().filter(|n| is_ready(n)).count())
+            .unwrap_or(0);
+        if ready == 3 {
+            break;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(120),
+            "3 nodes not Ready in 120 s"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    once("up --nodes 3 → 3 nodes Ready", started.elapsed());
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    let (kib, processes) = tree_rss_kib(up_pid(&up.data_dir()));
+    println!(
+        "{:<40} {kib:>9} KiB   ({processes} processes)",
+        "idle RSS, 3 nodes, whole tree"
+    );
+
+    // Failover: a pod pinned to the third node; the node's process dies.
+    let nodes = client
+        .list::<Node>(None, &ListParams::default())
+        .await
+        .expect("nodes")
+        .items;
+    let victim = nodes
+        .iter()
+        .filter_map(|n| n.metadata.name.clone())
+        .find(|n| n.ends_with("-3"))
+        .expect("a third node");
+    let mut pinned = pod("pinned", "example.invalid/never-pulled:1");
+    pinned.spec.as_mut().unwrap().node_name = Some(victim.clone());
+    client.create(Some("default"), &pinned).await.expect("create pod");
+    let pid: i32 = std::fs::read_to_string(up.data_dir().join("nodes").join(&victim).join("up.pid"))
+        .expect("node pid")
+        .trim()
+        .parse()
+        .expect("a pid");
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGKILL).expect("kill node");
+    let died = Instant::now();
+    let (mut not_ready, mut evicted) = (None, None);
+    while evicted.is_none() {
+        assert!(died.elapsed() < Duration::from_secs(120), "no failover in 120 s");
+        if not_ready.is_none() {
+            let node: Node = client.get(None, &victim).await.expect("node");
+            if !is_ready(&node) {
+                not_ready = Some(died.elapsed());
+            }
+        }
+        let pod: Pod = client.get(Some("default"), "pinned").await.expect("pod");
+        if pod.metadata.deletion_timestamp.is_some() {
+            evicted = Some(died.elapsed());
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    once("node killed → NotReady (grace 5 s)", not_ready.unwrap_or_default());
+    once("node killed → pod evicted (+5 s)", evicted.unwrap());
 }
