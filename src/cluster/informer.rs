@@ -34,9 +34,26 @@ pub fn object_key(meta: &ObjectMeta) -> String {
     }
 }
 
+/// A subscriber's end of an informer's changes. The channel holds `Arc`s: its
+/// slots are allocated up front, and a slot as large as a Pod times the
+/// capacity cost megabytes per informer.
+pub struct Changes<K> {
+    rx: broadcast::Receiver<Arc<Change<K>>>,
+}
+
+impl<K: Clone> Changes<K> {
+    pub async fn recv(&mut self) -> Result<Change<K>, broadcast::error::RecvError> {
+        self.rx.recv().await.map(Arc::unwrap_or_clone)
+    }
+
+    pub fn try_recv(&mut self) -> Result<Change<K>, broadcast::error::TryRecvError> {
+        self.rx.try_recv().map(Arc::unwrap_or_clone)
+    }
+}
+
 pub struct Informer<K> {
     cache: Arc<RwLock<BTreeMap<String, K>>>,
-    changes: broadcast::Sender<Change<K>>,
+    changes: broadcast::Sender<Arc<Change<K>>>,
     synced: watch::Receiver<bool>,
     task: tokio::task::JoinHandle<()>,
 }
@@ -77,8 +94,10 @@ where
         let _ = synced.wait_for(|s| *s).await;
     }
 
-    pub fn subscribe(&self) -> broadcast::Receiver<Change<K>> {
-        self.changes.subscribe()
+    pub fn subscribe(&self) -> Changes<K> {
+        Changes {
+            rx: self.changes.subscribe(),
+        }
     }
 
     pub fn get(&self, key: &str) -> Option<K> {
@@ -95,7 +114,7 @@ async fn run<K>(
     namespace: Option<String>,
     params: ListParams,
     cache: Arc<RwLock<BTreeMap<String, K>>>,
-    changes: broadcast::Sender<Change<K>>,
+    changes: broadcast::Sender<Arc<Change<K>>>,
     synced: watch::Sender<bool>,
 ) where
     K: ListableResource + Metadata<Ty = ObjectMeta> + DeserializeOwned + Clone + Send + Sync + 'static,
@@ -113,7 +132,7 @@ async fn run<K>(
                         .collect();
                     *cache.write().unwrap() = fresh;
                     synced.send_replace(true);
-                    let _ = changes.send(Change::Resynced);
+                    let _ = changes.send(Arc::new(Change::Resynced));
                     list.resource_version
                 }
                 Err(err) => {
@@ -144,7 +163,7 @@ async fn consume<K>(
     mut stream: super::client::WatchStream<K>,
     mut rv: String,
     cache: &RwLock<BTreeMap<String, K>>,
-    changes: &broadcast::Sender<Change<K>>,
+    changes: &broadcast::Sender<Arc<Change<K>>>,
 ) -> Option<String>
 where
     K: Metadata<Ty = ObjectMeta> + Clone,
@@ -169,10 +188,10 @@ where
         let key = object_key(object.metadata());
         if deleted {
             cache.write().unwrap().remove(&key);
-            let _ = changes.send(Change::Deleted(object));
+            let _ = changes.send(Arc::new(Change::Deleted(object)));
         } else {
             cache.write().unwrap().insert(key, object.clone());
-            let _ = changes.send(Change::Applied(object));
+            let _ = changes.send(Arc::new(Change::Applied(object)));
         }
     }
     Some(rv)
