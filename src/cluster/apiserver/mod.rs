@@ -3,6 +3,7 @@
 
 pub mod discovery;
 pub mod errors;
+mod gc;
 mod handlers;
 pub mod hooks;
 pub mod node_proxy;
@@ -60,6 +61,8 @@ pub(crate) struct State {
     pub store: Arc<dyn Store>,
     pub token: String,
     pub hooks: Hooks,
+    /// Wakes the garbage collector (after deletes).
+    pub gc: tokio::sync::Notify,
 }
 
 /// A running API server.
@@ -71,6 +74,7 @@ pub struct ApiServer {
     /// The same store the server writes; in-process components may watch it directly.
     pub store: Arc<dyn Store>,
     task: JoinHandle<()>,
+    gc_task: JoinHandle<()>,
 }
 
 impl ApiServer {
@@ -88,8 +92,10 @@ impl ApiServer {
             store: store.clone(),
             token: creds.token.clone(),
             hooks: config.hooks,
+            gc: tokio::sync::Notify::new(),
         });
         handlers::bootstrap(&state).await?;
+        let gc_task = gc::spawn(state.clone());
         let listener = TcpListener::bind(config.addr).await?;
         let addr = listener.local_addr()?;
         let task = tokio::spawn(accept_loop(listener, acceptor, state));
@@ -100,6 +106,7 @@ impl ApiServer {
             token: creds.token,
             store,
             task,
+            gc_task,
         })
     }
 
@@ -109,6 +116,7 @@ impl ApiServer {
 
     pub fn stop(self) {
         self.task.abort();
+        self.gc_task.abort();
     }
 }
 
