@@ -87,6 +87,8 @@ fn object_meta(b: &[u8]) -> Result<Value, String> {
     let mut m = Map::new();
     for (n, w) in fields(b)? {
         match (n, w) {
+            // Go writes empty strings too; they mean "unset".
+            (1..=6, Wire::Bytes([])) => {}
             (1, Wire::Bytes(x)) => _ = m.insert("name".into(), json!(string(x)?)),
             (2, Wire::Bytes(x)) => _ = m.insert("generateName".into(), json!(string(x)?)),
             (3, Wire::Bytes(x)) => _ = m.insert("namespace".into(), json!(string(x)?)),
@@ -108,7 +110,10 @@ fn object_meta(b: &[u8]) -> Result<Value, String> {
 #[derive(Clone, Copy)]
 enum Ty {
     Str,
+    /// A plain int32/int64: Go always encodes it, so 0 means unset.
     Int,
+    /// A pointer int (`*int32`): present only when set, 0 included.
+    OptInt,
     Bool,
     /// `map<string, string>`.
     StrMap,
@@ -157,7 +162,7 @@ const CONTAINER: &[Field] = &[
 const POD_SPEC: &[Field] = &[
     (2, "containers", Ty::Msg(CONTAINER), true),
     (3, "restartPolicy", Ty::Str, false),
-    (4, "terminationGracePeriodSeconds", Ty::Int, false),
+    (4, "terminationGracePeriodSeconds", Ty::OptInt, false),
     (6, "dnsPolicy", Ty::Str, false),
     (7, "nodeSelector", Ty::StrMap, false),
     (8, "serviceAccountName", Ty::Str, false),
@@ -174,14 +179,14 @@ const STRATEGY: &[Field] = &[
     (2, "rollingUpdate", Ty::Msg(ROLLING_UPDATE), false),
 ];
 const DEPLOYMENT_SPEC: &[Field] = &[
-    (1, "replicas", Ty::Int, false),
+    (1, "replicas", Ty::OptInt, false),
     (2, "selector", Ty::Msg(LABEL_SELECTOR), false),
     (3, "template", Ty::Msg(POD_TEMPLATE), false),
     (4, "strategy", Ty::Msg(STRATEGY), false),
     (5, "minReadySeconds", Ty::Int, false),
-    (6, "revisionHistoryLimit", Ty::Int, false),
+    (6, "revisionHistoryLimit", Ty::OptInt, false),
     (7, "paused", Ty::Bool, false),
-    (9, "progressDeadlineSeconds", Ty::Int, false),
+    (9, "progressDeadlineSeconds", Ty::OptInt, false),
 ];
 const DEPLOYMENT: &[Field] = &[
     (1, "metadata", Ty::Meta, false),
@@ -234,15 +239,21 @@ fn message(schema: &[Field], b: &[u8]) -> Result<Value, String> {
         let Some((_, name, ty, repeated)) = schema.iter().find(|f| f.0 == n) else {
             continue;
         };
+        // Go's generated code writes every non-pointer field; zero values mean "not set" in JSON terms.
         let v = match (ty, w) {
+            (Ty::Str, Wire::Bytes([])) if !repeated => continue,
             (Ty::Str, Wire::Bytes(x)) => json!(string(x)?),
-            (Ty::Int, Wire::Varint(v)) => json!(v as i64),
+            (Ty::Int | Ty::Bool, Wire::Varint(0)) => continue,
+            (Ty::Int | Ty::OptInt, Wire::Varint(v)) => json!(v as i64),
             (Ty::Bool, Wire::Varint(v)) => json!(v != 0),
             (Ty::StrMap, Wire::Bytes(x)) => {
                 insert_entry(&mut m, name, x, false)?;
                 continue;
             }
-            (Ty::IntOrStr, Wire::Bytes(x)) => int_or_string(x)?,
+            (Ty::IntOrStr, Wire::Bytes(x)) => match int_or_string(x)? {
+                v if v == json!(0) => continue,
+                v => v,
+            },
             (Ty::Meta, Wire::Bytes(x)) => object_meta(x)?,
             (Ty::Msg(inner), Wire::Bytes(x)) => message(inner, x)?,
             _ => return Err(format!("field {name} has the wrong wire type")),
