@@ -507,6 +507,16 @@ fn recreate_progress_deadline_and_validation() {
     ]);
     assert!(err.contains("field is immutable"), "{err}");
 
+    // `kubectl create service` sends protobuf too.
+    let out = c.ok(&["create", "service", "clusterip", "rec", "--tcp=80:8080"]);
+    assert_eq!(out.trim(), "service/rec created");
+    let svc = jsonpath(
+        &c,
+        &["get", "svc", "rec"],
+        "{.spec.type} {.spec.selector.app} {.spec.ports[0].port}:{.spec.ports[0].targetPort}/{.spec.ports[0].protocol}",
+    );
+    assert_eq!(svc, "ClusterIP rec 80:8080/TCP");
+
     let all = c.ok(&["get", "all"]);
     assert!(
         all.contains("deployment.apps/rec") && all.contains("replicaset.apps/rec-"),
