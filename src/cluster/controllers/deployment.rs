@@ -830,8 +830,8 @@ mod tests {
         // 3 replicas, maxUnavailable 0: an old pod goes only as a new one is available.
         assert_eq!(scale_down_old(&[(3, 3)], (1, 0), 3, 0), [3]);
         assert_eq!(scale_down_old(&[(3, 3)], (1, 1), 3, 0), [2]);
-        // Unhealthy old replicas go first, without waiting.
-        assert_eq!(scale_down_old(&[(3, 1)], (1, 0), 3, 1), [1]);
+        // Unhealthy old replicas go first, as far as the surge allows.
+        assert_eq!(scale_down_old(&[(3, 1)], (1, 0), 3, 1), [2]);
         // maxUnavailable 1: one old pod may go before any new one is ready.
         assert_eq!(scale_down_old(&[(3, 3)], (1, 0), 3, 1), [2]);
         // Oldest first.
