@@ -131,9 +131,12 @@ pub(super) async fn start_foreground(state: &Arc<State>, old: &Object) -> Result
 
 /// Whether the owner named by `r` (in `dependent`'s namespace, or cluster-scoped) no longer exists with that uid.
 async fn owner_gone(state: &State, dependent: &Object, r: &Value) -> bool {
-    let (Some(api_version), Some(kind), Some(name)) =
-        (r["apiVersion"].as_str(), r["kind"].as_str(), r["name"].as_str())
-    else {
+    let (Some(api_version), Some(kind), Some(name), Some(owner_uid)) = (
+        r["apiVersion"].as_str(),
+        r["kind"].as_str(),
+        r["name"].as_str(),
+        r["uid"].as_str().filter(|u| !u.is_empty()),
+    ) else {
         return false;
     };
     let Some(info) = by_kind(api_version, kind) else {
@@ -145,7 +148,7 @@ async fn owner_gone(state: &State, dependent: &Object, r: &Value) -> bool {
         ""
     };
     match state.store.get(&Key::new(info.group, info.resource, ns, name)).await {
-        Ok(o) => uid(&o.value) != r["uid"].as_str().unwrap_or(""),
+        Ok(o) => uid(&o.value) != owner_uid,
         Err(StoreError::NotFound) => true,
         Err(_) => false,
     }
