@@ -517,6 +517,10 @@ fn recreate_progress_deadline_and_validation() {
     );
     assert_eq!(svc, "ClusterIP rec 80:8080/TCP");
 
+    let resources = c.ok(&["api-resources", "--api-group=apps", "--no-headers"]);
+    for expected in ["deploy", "rs", "ds", "controllerrevisions"] {
+        assert!(resources.contains(expected), "{resources}");
+    }
     let all = c.ok(&["get", "all"]);
     assert!(
         all.contains("deployment.apps/rec") && all.contains("replicaset.apps/rec-"),

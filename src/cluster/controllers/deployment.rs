@@ -5,7 +5,7 @@
 //! (`Available`, `Progressing` with `progressDeadlineSeconds`) that `kubectl rollout status` reads.
 
 use std::collections::{BTreeMap, HashMap};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use k8s_openapi::api::apps::v1::{Deployment, ReplicaSet, ReplicaSetSpec};
 use k8s_openapi::api::core::v1::{Pod, PodTemplateSpec};
@@ -34,8 +34,8 @@ struct Controller {
     pods: Informer<Pod>,
     recorder: Recorder,
     queue: WorkQueue,
-    /// ReplicaSets as this controller last wrote them, until the cache catches up.
-    written: HashMap<String, ReplicaSet>,
+    /// ReplicaSets as this controller last wrote them (and when), until the cache catches up.
+    written: HashMap<String, (ReplicaSet, Instant)>,
 }
 
 pub fn spawn(client: Client) -> tokio::task::JoinHandle<()> {
@@ -68,7 +68,11 @@ pub fn spawn(client: Client) -> tokio::task::JoinHandle<()> {
                     Err(RecvError::Closed) => return,
                 },
                 change = rs_changes.recv() => match change {
-                    Ok(Change::Applied(rs) | Change::Deleted(rs)) => c.enqueue_owner(&rs.metadata),
+                    Ok(Change::Applied(rs)) => c.enqueue_owner(&rs.metadata),
+                    Ok(Change::Deleted(rs)) => {
+                        c.written.remove(&object_key(&rs.metadata));
+                        c.enqueue_owner(&rs.metadata);
+                    }
                     Ok(Change::Resynced) | Err(RecvError::Lagged(_)) => c.enqueue_all(),
                     Err(RecvError::Closed) => return,
                 },
@@ -87,8 +91,13 @@ pub fn spawn(client: Client) -> tokio::task::JoinHandle<()> {
                 }
             }
             while let Ok(change) = rs_changes.try_recv() {
-                if let Change::Applied(rs) | Change::Deleted(rs) = change {
-                    c.enqueue_owner(&rs.metadata);
+                match change {
+                    Change::Applied(rs) => c.enqueue_owner(&rs.metadata),
+                    Change::Deleted(rs) => {
+                        c.written.remove(&object_key(&rs.metadata));
+                        c.enqueue_owner(&rs.metadata);
+                    }
+                    Change::Resynced => c.enqueue_all(),
                 }
             }
             for key in c.queue.take() {
@@ -292,11 +301,12 @@ impl Controller {
             .filter(|rs| rs.metadata.namespace.as_deref() == Some(ns))
             .map(|rs| (object_key(&rs.metadata), rs))
             .collect();
-        self.written.retain(|key, w| match by_key.get(key) {
+        // A write the cache has not shown after this long was lost (e.g. the object was deleted meanwhile).
+        self.written.retain(|key, (w, at)| match by_key.get(key) {
             Some(cached) => rv(&cached.metadata) < rv(&w.metadata),
-            None => true,
+            None => at.elapsed() < Duration::from_secs(10),
         });
-        for (key, w) in &self.written {
+        for (key, (w, _)) in &self.written {
             if w.metadata.namespace.as_deref() == Some(ns) {
                 by_key.insert(key.clone(), w.clone());
             }
@@ -308,7 +318,8 @@ impl Controller {
     }
 
     fn remember(&mut self, rs: ReplicaSet) -> ReplicaSet {
-        self.written.insert(object_key(&rs.metadata), rs.clone());
+        self.written
+            .insert(object_key(&rs.metadata), (rs.clone(), Instant::now()));
         rs
     }
 
