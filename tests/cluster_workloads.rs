@@ -643,6 +643,57 @@ fn daemonset_runs_one_pod_per_eligible_node() {
 }
 
 #[test]
+fn statefulset_creates_in_order_and_updates_from_the_top() {
+    let c = control_plane(&[node("n1", json!([]))]);
+    let kubelet = FakeKubelet::start(&c, "db");
+    let sts = |image: &str, replicas: i64| {
+        json!({
+            "apiVersion": "apps/v1", "kind": "StatefulSet",
+            "metadata": {"name": "db"},
+            "spec": {"replicas": replicas, "serviceName": "db", "selector": {"matchLabels": {"app": "db"}},
+                     "template": {"metadata": {"labels": {"app": "db"}},
+                                  "spec": {"containers": [{"name": "c", "image": image}]}}},
+        })
+    };
+    kubelet.ready_delay_ms.store(200, Ordering::SeqCst);
+    apply(&c, "sts", &[sts("example.invalid/db:1", 3)]);
+    let out = c.ok(&["rollout", "status", "statefulset/db", "--timeout=60s"]);
+    assert!(out.contains("complete"), "{out}");
+    // Ordered: each pod was created after the previous one was ready.
+    let created = jsonpath(
+        &c,
+        &["get", "pods", "-l", "app=db", "--sort-by=.metadata.creationTimestamp"],
+        "{.items[*].metadata.name}",
+    );
+    assert_eq!(created, "db-0 db-1 db-2");
+    let hostnames = jsonpath(&c, &["get", "pods", "-l", "app=db"], "{.items[*].spec.hostname}");
+    assert_eq!(hostnames, "db-0 db-1 db-2");
+    let table = c.ok(&["get", "sts"]);
+    assert!(table.starts_with("NAME") && table.contains("db     3/3"), "{table}");
+
+    apply(&c, "sts2", &[sts("example.invalid/db:2", 3)]);
+    let out = c.ok(&["rollout", "status", "statefulset/db", "--timeout=60s"]);
+    assert!(out.contains("complete"), "{out}");
+    c.wait_output(
+        &[
+            "get",
+            "pods",
+            "-l",
+            "app=db",
+            "-o",
+            "jsonpath={.items[*].spec.containers[0].image}",
+        ],
+        WAIT,
+        |o| o == "example.invalid/db:2 example.invalid/db:2 example.invalid/db:2",
+    );
+    assert_eq!(revisions(&c, "statefulset/db"), ["1", "2"]);
+
+    c.ok(&["scale", "statefulset/db", "--replicas=1"]);
+    wait_active_pods(&c, "db", 1);
+    assert_eq!(active_pods(&c, "db"), ["db-0"]);
+}
+
+#[test]
 fn deployment_of_real_pods_becomes_available_and_heals() {
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()

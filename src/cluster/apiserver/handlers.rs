@@ -1080,7 +1080,7 @@ mod tests {
         );
         assert_eq!(parse_target("/api/v1/pods").unwrap().ns, None);
         assert!(parse_target("/api/v1/nodes/a/b/c").is_none());
-        assert!(parse_target("/apis/apps/v1/statefulsets").is_none());
+        assert!(parse_target("/apis/apps/v1/cronjobs").is_none());
         let t = parse_target("/apis/apps/v1/namespaces/default/deployments/web/scale").unwrap();
         assert_eq!((t.info.kind, t.sub.as_deref()), ("Deployment", Some("scale")));
     }

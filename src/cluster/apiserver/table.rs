@@ -185,6 +185,13 @@ fn columns(info: &ResourceInfo) -> Vec<Col> {
             ("Images", "string", "", 1),
             ("Selector", "string", "", 1),
         ],
+        ("apps", "statefulsets") => vec![
+            name,
+            ("Ready", "string", "", 0),
+            age,
+            ("Containers", "string", "", 1),
+            ("Images", "string", "", 1),
+        ],
         ("apps", "controllerrevisions") => vec![
             name,
             ("Controller", "string", "", 0),
@@ -396,7 +403,7 @@ fn cells(info: &ResourceInfo, o: &Value, now: Timestamp) -> Vec<Value> {
         }
         ("coordination.k8s.io", "leases") => vec![name, or_none(s(o, "/spec/holderIdentity")), json!(created)],
         ("node.k8s.io", "runtimeclasses") => vec![name, json!(s(o, "/handler")), json!(created)],
-        ("apps", "deployments" | "replicasets" | "daemonsets") => {
+        ("apps", "deployments" | "replicasets" | "daemonsets" | "statefulsets") => {
             let n = |ptr: &str| json!(o.pointer(ptr).and_then(Value::as_i64).unwrap_or(0));
             let containers = arr(o, "/spec/template/spec/containers");
             let join = |field: &str| {
@@ -416,6 +423,14 @@ fn cells(info: &ResourceInfo, o: &Value, now: Timestamp) -> Vec<Value> {
                 ),
             ];
             let mut row = match info.resource {
+                "statefulsets" => {
+                    let ready = format!(
+                        "{}/{}",
+                        n("/status/readyReplicas"),
+                        o.pointer("/spec/replicas").and_then(Value::as_i64).unwrap_or(1)
+                    );
+                    return vec![name, json!(ready), json!(created), wide[0].clone(), wide[1].clone()];
+                }
                 "deployments" => vec![
                     name,
                     json!(format!(

@@ -152,8 +152,21 @@ pub fn apply_defaults(info: &ResourceInfo, obj: &mut Value) {
             }
             obj_mut(obj, "status").entry("loadBalancer").or_insert(json!({}));
         }
-        ("apps", "deployments" | "replicasets" | "daemonsets") => {
+        ("apps", "deployments" | "replicasets" | "daemonsets" | "statefulsets") => {
             let spec = obj_mut(obj, "spec");
+            if info.resource == "statefulsets" {
+                default_str(spec, "podManagementPolicy", "OrderedReady");
+                let st = spec.entry("updateStrategy").or_insert(json!({}));
+                if let Some(st) = st.as_object_mut() {
+                    default_str(st, "type", "RollingUpdate");
+                    if st["type"] == "RollingUpdate" {
+                        let ru = st.entry("rollingUpdate").or_insert(json!({}));
+                        if let Some(ru) = ru.as_object_mut() {
+                            ru.entry("partition").or_insert(json!(0));
+                        }
+                    }
+                }
+            }
             if info.resource != "daemonsets" {
                 spec.entry("replicas").or_insert(json!(1));
             }
@@ -287,7 +300,9 @@ pub fn validate(info: &ResourceInfo, obj: &Value) -> ApiResult<()> {
     }
     match (info.group, info.resource) {
         ("", "pods") => validate_pod_spec(&obj["spec"], "spec", &mut causes),
-        ("apps", "deployments" | "replicasets" | "daemonsets") => validate_workload(info, obj, &mut causes),
+        ("apps", "deployments" | "replicasets" | "daemonsets" | "statefulsets") => {
+            validate_workload(info, obj, &mut causes)
+        }
         ("", "configmaps") | ("", "secrets") => {
             for field in ["data", "binaryData", "stringData"] {
                 for k in obj
@@ -523,7 +538,7 @@ pub fn validate_update(info: &ResourceInfo, old: &Value, new: &Value) -> ApiResu
                 causes.push(Cause::invalid("type", str_at(new, "/type"), "field is immutable"));
             }
         }
-        ("apps", "deployments" | "replicasets" | "daemonsets")
+        ("apps", "deployments" | "replicasets" | "daemonsets" | "statefulsets")
             if old.pointer("/spec/selector") != new.pointer("/spec/selector") =>
         {
             let sel = new.pointer("/spec/selector").cloned().unwrap_or(Value::Null);

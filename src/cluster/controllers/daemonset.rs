@@ -12,21 +12,20 @@ use k8s_openapi::api::core::v1::{
     Affinity, Node, NodeAffinity, NodeSelector, NodeSelectorRequirement, NodeSelectorTerm, Pod, Toleration,
 };
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
-use k8s_openapi::apimachinery::pkg::runtime::RawExtension;
 use serde_json::json;
 use tokio::sync::broadcast::error::RecvError;
 
 use super::deployment::resolve;
 use super::workload::{
     Expectations, WorkQueue, controlled_by, controller_of, controller_ref, is_active, is_available, is_deleting,
-    is_ready, name, template_hash, uid,
+    is_ready, name, sync_revisions, template_hash, uid,
 };
 use crate::cluster::client::{Client, ClientError, ListParams};
 use crate::cluster::events::{EventType, Recorder, now, reference};
 use crate::cluster::informer::{Change, Informer, object_key};
 use crate::cluster::scheduler::filter::{NodeState, PodInput, affinity_mismatch, untolerated_taint};
 
-pub const REVISION_HASH_LABEL: &str = "controller-revision-hash";
+pub use super::workload::REVISION_HASH_LABEL;
 
 struct Controller {
     client: Client,
@@ -223,7 +222,9 @@ impl Controller {
         let collisions = ds.status.as_ref().and_then(|s| s.collision_count).unwrap_or(0);
         let template = serde_json::to_value(&spec.template).unwrap_or_default();
         let hash = template_hash(&template, collisions);
-        self.sync_revisions(&ds, &hash, &template).await?;
+        let labels = spec.template.metadata.as_ref().and_then(|m| m.labels.clone());
+        let limit = spec.revision_history_limit.unwrap_or(10);
+        sync_revisions(&self.client, &self.revisions, &ds, labels, &hash, &template, limit).await?;
 
         let ds_uid = uid(&ds.metadata).to_string();
         let mut by_node: BTreeMap<String, Vec<Pod>> = BTreeMap::new();
@@ -409,77 +410,6 @@ impl Controller {
                 Err(err)
             }
         }
-    }
-
-    /// One ControllerRevision per template; the current one has the highest revision; old ones beyond
-    /// `revisionHistoryLimit` go.
-    async fn sync_revisions(
-        &mut self,
-        ds: &DaemonSet,
-        hash: &str,
-        template: &serde_json::Value,
-    ) -> Result<(), ClientError> {
-        let ns = ds.metadata.namespace.clone();
-        let ds_uid = uid(&ds.metadata);
-        let mut owned: Vec<ControllerRevision> = self
-            .revisions
-            .list()
-            .into_iter()
-            .filter(|r| r.metadata.namespace == ns && controlled_by(&r.metadata, ds_uid))
-            .collect();
-        let cr_name = format!("{}-{hash}", name(&ds.metadata));
-        let max = owned.iter().map(|r| r.revision).max().unwrap_or(0);
-        match owned.iter().find(|r| name(&r.metadata) == cr_name) {
-            Some(r) if r.revision < max => {
-                self.client
-                    .merge_patch::<ControllerRevision>(ns.as_deref(), &cr_name, None, &json!({"revision": max + 1}))
-                    .await?;
-            }
-            Some(_) => {}
-            None => {
-                let mut labels = ds
-                    .spec
-                    .as_ref()
-                    .and_then(|s| s.template.metadata.as_ref())
-                    .and_then(|m| m.labels.clone())
-                    .unwrap_or_default();
-                labels.insert(REVISION_HASH_LABEL.into(), hash.to_string());
-                let mut data_template = template.clone();
-                data_template["$patch"] = json!("replace");
-                let cr = ControllerRevision {
-                    metadata: ObjectMeta {
-                        name: Some(cr_name.clone()),
-                        namespace: ns.clone(),
-                        labels: Some(labels),
-                        owner_references: Some(vec![controller_ref(ds)]),
-                        ..Default::default()
-                    },
-                    data: Some(RawExtension(json!({"spec": {"template": data_template}}))),
-                    revision: max + 1,
-                };
-                match self.client.create(ns.as_deref(), &cr).await {
-                    Ok(created) => owned.push(created),
-                    Err(err) if err.is_conflict() => {}
-                    Err(err) => return Err(err),
-                }
-            }
-        }
-        let limit = ds
-            .spec
-            .as_ref()
-            .and_then(|s| s.revision_history_limit)
-            .unwrap_or(10)
-            .max(0) as usize;
-        let mut old: Vec<&ControllerRevision> = owned.iter().filter(|r| name(&r.metadata) != cr_name).collect();
-        if old.len() > limit {
-            old.sort_by_key(|r| r.revision);
-            for r in &old[..old.len() - limit] {
-                self.client
-                    .delete::<ControllerRevision>(ns.as_deref(), name(&r.metadata), None)
-                    .await?;
-            }
-        }
-        Ok(())
     }
 }
 

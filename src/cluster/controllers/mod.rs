@@ -14,6 +14,7 @@ pub mod deployment;
 pub mod node_lifecycle;
 pub mod pod_gc;
 pub mod replicaset;
+pub mod statefulset;
 pub mod workload;
 
 /// Settings of the controllers, from `podvisor up`.
@@ -42,5 +43,6 @@ pub fn spawn_all(client: &Client, settings: &Settings) -> Vec<tokio::task::JoinH
         replicaset::spawn(client.clone()),
         deployment::spawn(client.clone()),
         daemonset::spawn(client.clone()),
+        statefulset::spawn(client.clone()),
     ]
 }

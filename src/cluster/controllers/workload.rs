@@ -1,16 +1,19 @@
 //! What the workload controllers (ReplicaSet, Deployment, DaemonSet) share: pod readiness and availability,
 //! controller references, selectors, and a keyed work queue with delayed retries.
 
-use std::collections::{BTreeSet, HashMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::time::{Duration, Instant};
 
+use k8s_openapi::api::apps::v1::ControllerRevision;
 use k8s_openapi::api::core::v1::Pod;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta, OwnerReference};
+use k8s_openapi::apimachinery::pkg::runtime::RawExtension;
 use k8s_openapi::jiff::Timestamp;
 use k8s_openapi::{Metadata, Resource};
-use serde_json::Value;
+use serde_json::{Value, json};
 
 use crate::cluster::apiserver::select;
+use crate::cluster::client::{Client, ClientError};
 use crate::cluster::informer::Informer;
 
 /// The owner reference marked `controller: true`, if any.
@@ -128,6 +131,76 @@ pub fn template_hash(template: &Value, collision_count: i32) -> String {
         data.extend_from_slice(collision_count.to_string().as_bytes());
     }
     safe_encode(fnv32a(&data))
+}
+
+pub const REVISION_HASH_LABEL: &str = "controller-revision-hash";
+
+/// Keeps one ControllerRevision per template of `owner` (DaemonSet, StatefulSet), named `<owner>-<hash>`: the
+/// current one has the highest revision (going back to an old template renumbers it), and old ones beyond
+/// `history_limit` go.
+pub async fn sync_revisions<K>(
+    client: &Client,
+    revisions: &Informer<ControllerRevision>,
+    owner: &K,
+    template_labels: Option<BTreeMap<String, String>>,
+    hash: &str,
+    template: &Value,
+    history_limit: i32,
+) -> Result<(), ClientError>
+where
+    K: Resource + Metadata<Ty = ObjectMeta>,
+{
+    let meta = owner.metadata();
+    let ns = meta.namespace.clone();
+    let owner_uid = uid(meta);
+    let mut owned: Vec<ControllerRevision> = revisions
+        .list()
+        .into_iter()
+        .filter(|r| r.metadata.namespace == ns && controlled_by(&r.metadata, owner_uid))
+        .collect();
+    let cr_name = format!("{}-{hash}", name(meta));
+    let max = owned.iter().map(|r| r.revision).max().unwrap_or(0);
+    match owned.iter().find(|r| name(&r.metadata) == cr_name) {
+        Some(r) if r.revision < max => {
+            client
+                .merge_patch::<ControllerRevision>(ns.as_deref(), &cr_name, None, &json!({"revision": max + 1}))
+                .await?;
+        }
+        Some(_) => {}
+        None => {
+            let mut labels = template_labels.unwrap_or_default();
+            labels.insert(REVISION_HASH_LABEL.into(), hash.to_string());
+            let mut data_template = template.clone();
+            data_template["$patch"] = json!("replace");
+            let cr = ControllerRevision {
+                metadata: ObjectMeta {
+                    name: Some(cr_name.clone()),
+                    namespace: ns.clone(),
+                    labels: Some(labels),
+                    owner_references: Some(vec![controller_ref(owner)]),
+                    ..Default::default()
+                },
+                data: Some(RawExtension(json!({"spec": {"template": data_template}}))),
+                revision: max + 1,
+            };
+            match client.create(ns.as_deref(), &cr).await {
+                Ok(created) => owned.push(created),
+                Err(err) if err.is_conflict() => {}
+                Err(err) => return Err(err),
+            }
+        }
+    }
+    let limit = history_limit.max(0) as usize;
+    let mut old: Vec<&ControllerRevision> = owned.iter().filter(|r| name(&r.metadata) != cr_name).collect();
+    if old.len() > limit {
+        old.sort_by_key(|r| r.revision);
+        for r in &old[..old.len() - limit] {
+            client
+                .delete::<ControllerRevision>(ns.as_deref(), name(&r.metadata), None)
+                .await?;
+        }
+    }
+    Ok(())
 }
 
 /// Pods a controller created or deleted per owner key, until its pod cache shows them: reconciling on a cache
