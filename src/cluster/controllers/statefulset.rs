@@ -187,7 +187,7 @@ impl Controller {
             .map(|(_, p)| p)
             .filter(|p| !is_deleting(&p.metadata))
             .collect();
-        if !blocked && !(ordered && terminating) {
+        if !(blocked || (ordered && terminating)) {
             let batch = if ordered { 1 } else { excess.len() };
             for pod in excess.into_iter().take(batch) {
                 self.delete_pod(&set, pod).await?;
