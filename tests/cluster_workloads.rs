@@ -563,9 +563,35 @@ fn deletes_cascade_orphan_or_wait_for_dependents() {
     eprintln!("foreground delete took {:?}", started.elapsed());
     assert_eq!(c.ok(&["get", "deploy,rs,pods", "-l", "app=fg", "-o", "name"]), "");
 
-    // Deleting the orphaned ReplicaSet now takes its pods.
-    c.ok(&["delete", "rs", &rs[0]]);
-    c.wait_output(&["get", "pods", "-l", "app=orphan", "-o", "name"], WAIT, str::is_empty);
+    // A new deployment selecting the orphaned ReplicaSet adopts it (same template: no new pods).
+    let pods = active_pods(&c, "orphan");
+    c.ok(&[
+        "create",
+        "deployment",
+        "orphan",
+        "--image=example.invalid/a:1",
+        "--replicas=2",
+    ]);
+    c.wait_output(
+        &[
+            "get",
+            "rs",
+            &rs[0],
+            "-o",
+            "jsonpath={.metadata.ownerReferences[0].name}",
+        ],
+        WAIT,
+        |o| o == "orphan",
+    );
+    rollout_ok(&c, "deployment/orphan");
+    assert_eq!(replica_sets(&c, "orphan"), rs);
+    assert_eq!(active_pods(&c, "orphan"), pods);
+    c.ok(&["delete", "deployment", "orphan"]);
+    c.wait_output(
+        &["get", "rs,pods", "-l", "app=orphan", "-o", "name"],
+        WAIT,
+        str::is_empty,
+    );
 }
 
 #[test]

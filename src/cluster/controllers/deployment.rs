@@ -15,7 +15,9 @@ use k8s_openapi::jiff::Timestamp;
 use serde_json::{Value, json};
 use tokio::sync::broadcast::error::RecvError;
 
-use super::workload::{WorkQueue, controlled_by, controller_of, controller_ref, is_deleting, name, template_hash, uid};
+use super::workload::{
+    WorkQueue, controlled_by, controller_of, controller_ref, is_deleting, name, selector_matches, template_hash, uid,
+};
 use crate::cluster::client::{Client, ClientError, ListParams};
 use crate::cluster::events::{EventType, Recorder, now, reference};
 use crate::cluster::informer::{Change, Informer, object_key};
@@ -317,6 +319,29 @@ impl Controller {
             .collect()
     }
 
+    /// ReplicaSets without a controller whose labels the Deployment selects become its own.
+    async fn adopt_orphans(&mut self, d: &Deployment) -> Result<(), ClientError> {
+        let selector = d.spec.as_ref().map(|s| &s.selector);
+        for rs in self.sets.list() {
+            if rs.metadata.namespace != d.metadata.namespace
+                || controller_of(&rs.metadata).is_some()
+                || is_deleting(&rs.metadata)
+                || !selector_matches(selector, rs.metadata.labels.as_ref())
+            {
+                continue;
+            }
+            let mut refs = rs.metadata.owner_references.clone().unwrap_or_default();
+            refs.push(controller_ref(d));
+            let patch = json!({"metadata": {"ownerReferences": refs, "resourceVersion": rs.metadata.resource_version}});
+            let adopted = self
+                .client
+                .merge_patch::<ReplicaSet>(rs.metadata.namespace.as_deref(), name(&rs.metadata), None, &patch)
+                .await?;
+            self.remember(adopted);
+        }
+        Ok(())
+    }
+
     fn remember(&mut self, rs: ReplicaSet) -> ReplicaSet {
         self.written
             .insert(object_key(&rs.metadata), (rs.clone(), Instant::now()));
@@ -333,6 +358,7 @@ impl Controller {
         let ns = d.metadata.namespace.clone().unwrap_or_default();
         let spec = d.spec.clone().unwrap_or_default();
         let replicas = spec.replicas.unwrap_or(1).max(0);
+        self.adopt_orphans(&d).await?;
         let all = self.replica_sets(&ns, uid(&d.metadata));
         let template = without_hash(Some(&spec.template));
         let (mut new_rs, mut old): (Vec<ReplicaSet>, Vec<ReplicaSet>) = all
