@@ -437,6 +437,8 @@ async fn create_object(
     meta.insert("creationTimestamp".into(), json!(rfc3339(now())));
     if tracks_generation(info) {
         meta.insert("generation".into(), json!(1));
+        // Status belongs to the controller: a new workload starts without one.
+        obj.as_object_mut().map(|o| o.remove("status"));
     }
     let warnings = validate::decode(info, &mut obj, fv)?;
     validate::apply_defaults(info, &mut obj);

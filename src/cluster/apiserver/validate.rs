@@ -415,6 +415,9 @@ fn validate_workload(info: &ResourceInfo, obj: &Value, causes: &mut Vec<Cause>) 
                 "supported values: \"Recreate\", \"RollingUpdate\"",
             ));
         }
+        if st == "RollingUpdate" {
+            validate_rolling_update(obj, causes);
+        }
         if st == "Recreate"
             && obj
                 .pointer("/spec/strategy/rollingUpdate")
@@ -425,6 +428,42 @@ fn validate_workload(info: &ResourceInfo, obj: &Value, causes: &mut Vec<Cause>) 
                 "may not be specified when strategy `type` is 'Recreate'",
             ));
         }
+    }
+}
+
+/// maxUnavailable and maxSurge: non-negative ints or percentages up to 100%, not both zero.
+fn validate_rolling_update(obj: &Value, causes: &mut Vec<Cause>) {
+    let zero = |v: Option<&Value>| match v {
+        Some(Value::Number(n)) => n.as_i64() == Some(0),
+        Some(Value::String(p)) => p.trim_end_matches('%').parse::<i64>().ok() == Some(0),
+        _ => false,
+    };
+    for field in ["maxUnavailable", "maxSurge"] {
+        let v = obj.pointer(&format!("/spec/strategy/rollingUpdate/{field}"));
+        let bad = match v {
+            Some(Value::Number(n)) => n.as_i64().is_none_or(|n| n < 0),
+            Some(Value::String(p)) => p
+                .strip_suffix('%')
+                .and_then(|p| p.parse::<i64>().ok())
+                .is_none_or(|p| !(0..=100).contains(&p)),
+            _ => false,
+        };
+        if bad {
+            causes.push(Cause::invalid(
+                format!("spec.strategy.rollingUpdate.{field}"),
+                &v.map(Value::to_string).unwrap_or_default(),
+                "must be a non-negative integer or a percentage between 0% and 100%",
+            ));
+        }
+    }
+    if zero(obj.pointer("/spec/strategy/rollingUpdate/maxUnavailable"))
+        && zero(obj.pointer("/spec/strategy/rollingUpdate/maxSurge"))
+    {
+        causes.push(Cause::invalid(
+            "spec.strategy.rollingUpdate.maxUnavailable",
+            "0",
+            "may not be 0 when `maxSurge` is 0",
+        ));
     }
 }
 
@@ -599,6 +638,51 @@ mod tests {
                 .unwrap_err()
                 .message
                 .contains("spec.containers: Required value")
+        );
+    }
+
+    #[test]
+    fn workload_selector_and_strategy() {
+        let deployments = lookup("apps", "v1", "deployments").unwrap();
+        let d = |selector: Value, strategy: Value| {
+            let mut d = json!({"metadata": {"name": "web"},
+                               "spec": {"selector": selector, "strategy": strategy,
+                                        "template": {"metadata": {"labels": {"app": "web"}},
+                                                     "spec": {"containers": [{"name": "c", "image": "i"}]}}}});
+            apply_defaults(deployments, &mut d);
+            d
+        };
+        let fields = |v: &Value| -> Vec<String> {
+            match validate(deployments, v) {
+                Ok(()) => Vec::new(),
+                Err(e) => e.details["causes"]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .map(|c| c["field"].as_str().unwrap().to_string())
+                    .collect(),
+            }
+        };
+        let ok = d(json!({"matchLabels": {"app": "web"}}), json!({}));
+        assert!(fields(&ok).is_empty());
+        assert_eq!(ok["spec"]["strategy"]["rollingUpdate"]["maxSurge"], "25%");
+        assert_eq!(fields(&d(json!({}), json!({}))), ["spec.selector"]);
+        assert_eq!(
+            fields(&d(json!({"matchLabels": {"app": "db"}}), json!({}))),
+            ["spec.template.metadata.labels"]
+        );
+        let both_zero = json!({"type": "RollingUpdate", "rollingUpdate": {"maxSurge": 0, "maxUnavailable": "0%"}});
+        assert_eq!(
+            fields(&d(json!({"matchLabels": {"app": "web"}}), both_zero)),
+            ["spec.strategy.rollingUpdate.maxUnavailable"]
+        );
+        let mut changed = ok.clone();
+        changed["spec"]["selector"]["matchLabels"]["tier"] = json!("x");
+        assert!(
+            validate_update(deployments, &ok, &changed)
+                .unwrap_err()
+                .message
+                .contains("field is immutable")
         );
     }
 

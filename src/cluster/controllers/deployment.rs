@@ -383,7 +383,17 @@ impl Controller {
         } else {
             let max_old_revision = old.iter().map(|rs| revision(&rs.metadata)).max().unwrap_or(0);
             if let Some(rs) = &new_rs {
-                new_rs = Some(self.sync_revision(&d, rs, max_old_revision).await?);
+                let mut rs = self.sync_revision(&d, rs, max_old_revision).await?;
+                let min_ready = rs.spec.as_ref().and_then(|s| s.min_ready_seconds).unwrap_or(0);
+                if min_ready != spec.min_ready_seconds.unwrap_or(0) {
+                    let patch = json!({"spec": {"minReadySeconds": spec.min_ready_seconds.unwrap_or(0)}});
+                    let patched = self
+                        .client
+                        .merge_patch::<ReplicaSet>(rs.metadata.namespace.as_deref(), name(&rs.metadata), None, &patch)
+                        .await?;
+                    rs = self.remember(patched);
+                }
+                new_rs = Some(rs);
             }
             let recreate = is_recreate(&d);
             if recreate {
