@@ -20,7 +20,7 @@ use super::registry::{RESOURCES, ResourceInfo, lookup};
 use super::select::{FieldSelector, LabelSelector};
 use super::table::{IncludeObject, now, rfc3339, table};
 use super::validate::{self, FieldValidation};
-use super::{Body, State, error_response, json_response, protobuf, query_map};
+use super::{Body, State, error_response, gc, json_response, protobuf, query_map};
 use crate::cluster::store::{EventType, Key, Object, Scope, StoreError, WatchOptions};
 
 const TABLE_CT: &str = "application/json;as=Table;v=v1;g=meta.k8s.io";
@@ -151,6 +151,8 @@ pub(super) async fn resource_request(
         (&Method::GET, false, _) => list(&ctx).await,
         (&Method::POST, false, _) => create(&ctx).await,
         (&Method::DELETE, false, _) => delete_collection(&ctx).await,
+        (&Method::GET, true, Some("scale")) => get_scale(&ctx).await,
+        (&Method::PUT | &Method::PATCH, true, Some("scale")) => update_scale(&ctx, method == Method::PATCH).await,
         (&Method::GET, true, None | Some("status")) => get(&ctx).await,
         (&Method::PUT, true, None | Some("status") | Some("finalize")) => update(&ctx).await,
         (&Method::PATCH, true, None | Some("status")) => patch(&ctx).await,
@@ -433,6 +435,11 @@ async fn create_object(
     }
     meta.insert("uid".into(), json!(uuid::Uuid::new_v4().to_string()));
     meta.insert("creationTimestamp".into(), json!(rfc3339(now())));
+    if tracks_generation(info) {
+        meta.insert("generation".into(), json!(1));
+        // Status belongs to the controller: a new workload starts without one.
+        obj.as_object_mut().map(|o| o.remove("status"));
+    }
     let warnings = validate::decode(info, &mut obj, fv)?;
     validate::apply_defaults(info, &mut obj);
     validate::validate(info, &obj)?;
@@ -520,7 +527,94 @@ fn prepare_update(ctx: &Ctx, old: &Value, mut new: Value, fv: FieldValidation) -
     validate::apply_defaults(info, &mut new);
     validate::validate(info, &new)?;
     validate::validate_update(info, old, &new)?;
+    if !status_only {
+        bump_generation(info, old, &mut new);
+    }
     Ok((new, warnings))
+}
+
+/// Workloads count spec changes in `metadata.generation`; their controllers report `status.observedGeneration`.
+fn tracks_generation(info: &ResourceInfo) -> bool {
+    info.group == "apps"
+}
+
+fn bump_generation(info: &ResourceInfo, old: &Value, new: &mut Value) {
+    if tracks_generation(info) && old.get("spec") != new.get("spec") {
+        let generation = old.pointer("/metadata/generation").and_then(Value::as_i64).unwrap_or(1);
+        new["metadata"]["generation"] = json!(generation + 1);
+    }
+}
+
+/// The `autoscaling/v1` Scale view of a workload.
+fn scale_of(obj: &Value) -> Value {
+    let m = &obj["metadata"];
+    let selector = obj
+        .pointer("/spec/selector")
+        .map(super::select::selector_string)
+        .unwrap_or_default();
+    json!({
+        "kind": "Scale", "apiVersion": "autoscaling/v1",
+        "metadata": {"name": m["name"], "namespace": m["namespace"], "uid": m["uid"],
+                     "resourceVersion": m["resourceVersion"], "creationTimestamp": m["creationTimestamp"]},
+        "spec": {"replicas": obj.pointer("/spec/replicas").and_then(Value::as_i64).unwrap_or(0)},
+        "status": {"replicas": obj.pointer("/status/replicas").and_then(Value::as_i64).unwrap_or(0),
+                   "selector": selector},
+    })
+}
+
+async fn get_scale(ctx: &Ctx) -> ApiResult<hyper::Response<Body>> {
+    let obj = ctx.state.store.get(&ctx.key()).await.map_err(|e| ctx.err(e))?;
+    Ok(json_response(StatusCode::OK, &scale_of(&obj.value), "application/json"))
+}
+
+/// PUT or PATCH of `scale`: only `spec.replicas` of the workload changes.
+async fn update_scale(ctx: &Ctx, is_patch: bool) -> ApiResult<hyper::Response<Body>> {
+    let (kind, body) = if is_patch {
+        let kind = PatchKind::from_content_type(&ctx.ct).ok_or_else(|| ApiError::unsupported_media(&ctx.ct))?;
+        (Some(kind), patch::parse_body(kind, &ctx.body)?)
+    } else {
+        (None, decode_body(&ctx.ct, &ctx.body)?)
+    };
+    for _ in 0..8 {
+        let old = ctx.state.store.get(&ctx.key()).await.map_err(|e| ctx.err(e))?;
+        let current = scale_of(&old.value);
+        let wanted = match kind {
+            Some(kind) => patch::apply(kind, &current, &body)?,
+            None => body.clone(),
+        };
+        if let Some(rv) = wanted.pointer("/metadata/resourceVersion").and_then(Value::as_str)
+            && !rv.is_empty()
+            && rv != old.rv.to_string()
+        {
+            return Err(ApiError::conflict(&ctx.info.qualified(), &ctx.name));
+        }
+        let replicas = match wanted.pointer("/spec/replicas") {
+            Some(Value::Number(n)) if n.as_i64().is_some_and(|n| (0..=i32::MAX as i64).contains(&n)) => n.clone(),
+            other => {
+                let value = other.map(Value::to_string).unwrap_or_default();
+                let c = super::errors::Cause::invalid("spec.replicas", &value, "must be greater than or equal to 0");
+                return Err(ApiError::invalid("Scale", "autoscaling", &ctx.name, vec![c]));
+            }
+        };
+        let mut new = old.value.clone();
+        new["spec"]["replicas"] = Value::Number(replicas);
+        bump_generation(ctx.info, &old.value, &mut new);
+        if ctx.dry_run() {
+            return Ok(json_response(StatusCode::OK, &scale_of(&new), "application/json"));
+        }
+        match ctx.state.store.update(&ctx.key(), new, Some(old.rv)).await {
+            Ok(stored) => {
+                return Ok(json_response(
+                    StatusCode::OK,
+                    &scale_of(&stored.value),
+                    "application/json",
+                ));
+            }
+            Err(StoreError::Conflict { .. }) => continue,
+            Err(e) => return Err(ctx.err(e)),
+        }
+    }
+    Err(ApiError::conflict(&ctx.info.qualified(), &ctx.name))
 }
 
 fn same_ignoring_rv(a: &Value, b: &Value) -> bool {
@@ -623,12 +717,38 @@ async fn patch(ctx: &Ctx) -> ApiResult<hyper::Response<Body>> {
     Err(ApiError::conflict(&ctx.info.qualified(), &ctx.name))
 }
 
+/// What happens to an object's dependents (objects naming it in `ownerReferences`) when it is deleted.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub(super) enum Propagation {
+    /// The owner goes now; the garbage collector deletes the dependents afterwards.
+    #[default]
+    Background,
+    /// The owner stays (with the `foregroundDeletion` finalizer) until its dependents are gone.
+    Foreground,
+    /// The dependents lose their reference to the owner and stay.
+    Orphan,
+}
+
+impl Propagation {
+    fn parse(s: &str) -> ApiResult<Self> {
+        match s {
+            "Background" => Ok(Propagation::Background),
+            "Foreground" => Ok(Propagation::Foreground),
+            "Orphan" => Ok(Propagation::Orphan),
+            o => Err(ApiError::bad_request(format!(
+                "propagationPolicy must be Background, Foreground or Orphan, got {o:?}"
+            ))),
+        }
+    }
+}
+
 #[derive(Default)]
-struct DeleteOpts {
-    grace: Option<i64>,
-    uid: Option<String>,
-    rv: Option<u64>,
-    dry_run: bool,
+pub(super) struct DeleteOpts {
+    pub propagation: Propagation,
+    pub grace: Option<i64>,
+    pub uid: Option<String>,
+    pub rv: Option<u64>,
+    pub dry_run: bool,
 }
 
 fn delete_opts(ctx: &Ctx) -> ApiResult<DeleteOpts> {
@@ -644,10 +764,19 @@ fn delete_opts(ctx: &Ctx) -> ApiResult<DeleteOpts> {
             .pointer("/preconditions/resourceVersion")
             .and_then(Value::as_str)
             .and_then(|s| s.parse().ok());
+        if v.get("orphanDependents") == Some(&json!(true)) {
+            o.propagation = Propagation::Orphan;
+        }
+        if let Some(p) = v.get("propagationPolicy").and_then(Value::as_str) {
+            o.propagation = Propagation::parse(p)?;
+        }
         o.dry_run |= v
             .get("dryRun")
             .and_then(Value::as_array)
             .is_some_and(|a| a.iter().any(|x| x == "All"));
+    }
+    if let Some(p) = ctx.q.get("propagationPolicy") {
+        o.propagation = Propagation::parse(p)?;
     }
     if let Some(g) = ctx.q.get("gracePeriodSeconds") {
         o.grace = Some(
@@ -660,8 +789,9 @@ fn delete_opts(ctx: &Ctx) -> ApiResult<DeleteOpts> {
 
 const IMMORTAL: &[&str] = &["default", "kube-system", "kube-public"];
 
-/// Deletes one object, honouring the delete policy (graceful pods) and finalizers. Returns its last state.
-async fn delete_object(
+/// Deletes one object, honouring the delete policy (graceful pods), finalizers and the propagation policy towards
+/// its dependents. Returns its last state.
+pub(super) async fn delete_object(
     state: &Arc<State>,
     info: &'static ResourceInfo,
     old: &Object,
@@ -692,6 +822,16 @@ async fn delete_object(
         let stored = state.store.update(&old.key, v, Some(old.rv)).await.map_err(err)?;
         tokio::spawn(finalize_namespace(state.clone(), name));
         return Ok(stored.value);
+    }
+    if !opts.dry_run {
+        match opts.propagation {
+            Propagation::Orphan => gc::orphan_dependents(state, &old.value).await,
+            Propagation::Foreground if gc::has_dependents(state, &old.value).await => {
+                return gc::start_foreground(state, old).await.map_err(err);
+            }
+            _ => {}
+        }
+        state.gc.notify_one();
     }
     let decision = state.hooks.delete.decide(info.resource, &old.value, opts.grace);
     let has_finalizers = old
@@ -942,6 +1082,8 @@ mod tests {
         );
         assert_eq!(parse_target("/api/v1/pods").unwrap().ns, None);
         assert!(parse_target("/api/v1/nodes/a/b/c").is_none());
-        assert!(parse_target("/apis/apps/v1/deployments").is_none());
+        assert!(parse_target("/apis/apps/v1/cronjobs").is_none());
+        let t = parse_target("/apis/apps/v1/namespaces/default/deployments/web/scale").unwrap();
+        assert_eq!((t.info.kind, t.sub.as_deref()), ("Deployment", Some("scale")));
     }
 }

@@ -3,6 +3,7 @@
 
 pub mod discovery;
 pub mod errors;
+mod gc;
 mod handlers;
 pub mod hooks;
 pub mod node_proxy;
@@ -64,6 +65,8 @@ pub(crate) struct State {
     pub token: String,
     pub ca_pem: String,
     pub hooks: Hooks,
+    /// Wakes the garbage collector (after deletes).
+    pub gc: tokio::sync::Notify,
 }
 
 /// A running API server.
@@ -75,6 +78,7 @@ pub struct ApiServer {
     /// The same store the server writes; in-process components may watch it directly.
     pub store: Arc<dyn Store>,
     task: JoinHandle<()>,
+    gc_task: JoinHandle<()>,
 }
 
 impl ApiServer {
@@ -93,8 +97,10 @@ impl ApiServer {
             token: creds.token.clone(),
             ca_pem: creds.ca_pem.clone(),
             hooks: config.hooks,
+            gc: tokio::sync::Notify::new(),
         });
         handlers::bootstrap(&state).await?;
+        let gc_task = gc::spawn(state.clone());
         let listener = TcpListener::bind(config.addr).await?;
         let addr = listener.local_addr()?;
         let task = tokio::spawn(accept_loop(listener, acceptor, state));
@@ -105,6 +111,7 @@ impl ApiServer {
             token: creds.token,
             store,
             task,
+            gc_task,
         })
     }
 
@@ -114,6 +121,7 @@ impl ApiServer {
 
     pub fn stop(self) {
         self.task.abort();
+        self.gc_task.abort();
     }
 }
 

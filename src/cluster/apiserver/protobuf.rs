@@ -1,6 +1,6 @@
 //! Minimal decoder for the Kubernetes protobuf request bodies kubectl sends from its typed clients
-//! (`kubectl create configmap|secret|namespace`, DeleteOptions). Field numbers follow k8s.io/api's
-//! generated.proto. Responses are always JSON.
+//! (`kubectl create configmap|secret|namespace|deployment|service`, DeleteOptions). Field numbers follow
+//! k8s.io/api's generated.proto; fields kubectl does not send are skipped. Responses are always JSON.
 
 use base64::Engine;
 use serde_json::{Map, Value, json};
@@ -87,6 +87,8 @@ fn object_meta(b: &[u8]) -> Result<Value, String> {
     let mut m = Map::new();
     for (n, w) in fields(b)? {
         match (n, w) {
+            // Go writes empty strings too; they mean "unset".
+            (1..=6, Wire::Bytes([])) => {}
             (1, Wire::Bytes(x)) => _ = m.insert("name".into(), json!(string(x)?)),
             (2, Wire::Bytes(x)) => _ = m.insert("generateName".into(), json!(string(x)?)),
             (3, Wire::Bytes(x)) => _ = m.insert("namespace".into(), json!(string(x)?)),
@@ -104,7 +106,174 @@ fn object_meta(b: &[u8]) -> Result<Value, String> {
     Ok(Value::Object(m))
 }
 
+/// How one protobuf field maps to JSON.
+#[derive(Clone, Copy)]
+enum Ty {
+    Str,
+    /// A plain int32/int64: Go always encodes it, so 0 means unset.
+    Int,
+    /// A pointer int (`*int32`): present only when set, 0 included.
+    OptInt,
+    Bool,
+    /// `map<string, string>`.
+    StrMap,
+    /// `intstr.IntOrString` (type = 1, intVal = 2, strVal = 3).
+    IntOrStr,
+    /// `metav1.ObjectMeta`.
+    Meta,
+    Msg(&'static [Field]),
+}
+
+/// (field number, JSON name, type, repeated).
+type Field = (u64, &'static str, Ty, bool);
+
+const REQUIREMENT: &[Field] = &[
+    (1, "key", Ty::Str, false),
+    (2, "operator", Ty::Str, false),
+    (3, "values", Ty::Str, true),
+];
+const LABEL_SELECTOR: &[Field] = &[
+    (1, "matchLabels", Ty::StrMap, false),
+    (2, "matchExpressions", Ty::Msg(REQUIREMENT), true),
+];
+const CONTAINER_PORT: &[Field] = &[
+    (1, "name", Ty::Str, false),
+    (2, "hostPort", Ty::Int, false),
+    (3, "containerPort", Ty::Int, false),
+    (4, "protocol", Ty::Str, false),
+    (5, "hostIP", Ty::Str, false),
+];
+const ENV_VAR: &[Field] = &[(1, "name", Ty::Str, false), (2, "value", Ty::Str, false)];
+const CONTAINER: &[Field] = &[
+    (1, "name", Ty::Str, false),
+    (2, "image", Ty::Str, false),
+    (3, "command", Ty::Str, true),
+    (4, "args", Ty::Str, true),
+    (5, "workingDir", Ty::Str, false),
+    (6, "ports", Ty::Msg(CONTAINER_PORT), true),
+    (7, "env", Ty::Msg(ENV_VAR), true),
+    (13, "terminationMessagePath", Ty::Str, false),
+    (14, "imagePullPolicy", Ty::Str, false),
+    (16, "stdin", Ty::Bool, false),
+    (17, "stdinOnce", Ty::Bool, false),
+    (18, "tty", Ty::Bool, false),
+    (20, "terminationMessagePolicy", Ty::Str, false),
+];
+const POD_SPEC: &[Field] = &[
+    (2, "containers", Ty::Msg(CONTAINER), true),
+    (3, "restartPolicy", Ty::Str, false),
+    (4, "terminationGracePeriodSeconds", Ty::OptInt, false),
+    (6, "dnsPolicy", Ty::Str, false),
+    (7, "nodeSelector", Ty::StrMap, false),
+    (8, "serviceAccountName", Ty::Str, false),
+    (10, "nodeName", Ty::Str, false),
+    (11, "hostNetwork", Ty::Bool, false),
+];
+const POD_TEMPLATE: &[Field] = &[(1, "metadata", Ty::Meta, false), (2, "spec", Ty::Msg(POD_SPEC), false)];
+const ROLLING_UPDATE: &[Field] = &[
+    (1, "maxUnavailable", Ty::IntOrStr, false),
+    (2, "maxSurge", Ty::IntOrStr, false),
+];
+const STRATEGY: &[Field] = &[
+    (1, "type", Ty::Str, false),
+    (2, "rollingUpdate", Ty::Msg(ROLLING_UPDATE), false),
+];
+const DEPLOYMENT_SPEC: &[Field] = &[
+    (1, "replicas", Ty::OptInt, false),
+    (2, "selector", Ty::Msg(LABEL_SELECTOR), false),
+    (3, "template", Ty::Msg(POD_TEMPLATE), false),
+    (4, "strategy", Ty::Msg(STRATEGY), false),
+    (5, "minReadySeconds", Ty::Int, false),
+    (6, "revisionHistoryLimit", Ty::OptInt, false),
+    (7, "paused", Ty::Bool, false),
+    (9, "progressDeadlineSeconds", Ty::OptInt, false),
+];
+const DEPLOYMENT: &[Field] = &[
+    (1, "metadata", Ty::Meta, false),
+    (2, "spec", Ty::Msg(DEPLOYMENT_SPEC), false),
+];
+const SERVICE_PORT: &[Field] = &[
+    (1, "name", Ty::Str, false),
+    (2, "protocol", Ty::Str, false),
+    (3, "port", Ty::Int, false),
+    (4, "targetPort", Ty::IntOrStr, false),
+    (5, "nodePort", Ty::Int, false),
+    (6, "appProtocol", Ty::Str, false),
+];
+const SERVICE_SPEC: &[Field] = &[
+    (1, "ports", Ty::Msg(SERVICE_PORT), true),
+    (2, "selector", Ty::StrMap, false),
+    (3, "clusterIP", Ty::Str, false),
+    (4, "type", Ty::Str, false),
+    (5, "externalIPs", Ty::Str, true),
+    (7, "sessionAffinity", Ty::Str, false),
+    (10, "externalName", Ty::Str, false),
+    (11, "externalTrafficPolicy", Ty::Str, false),
+    (13, "publishNotReadyAddresses", Ty::Bool, false),
+    (17, "ipFamilyPolicy", Ty::Str, false),
+    (18, "clusterIPs", Ty::Str, true),
+    (19, "ipFamilies", Ty::Str, true),
+];
+const SERVICE: &[Field] = &[
+    (1, "metadata", Ty::Meta, false),
+    (2, "spec", Ty::Msg(SERVICE_SPEC), false),
+];
+
+fn int_or_string(b: &[u8]) -> Result<Value, String> {
+    let (mut is_str, mut int, mut text) = (false, 0i64, String::new());
+    for (n, w) in fields(b)? {
+        match (n, w) {
+            (1, Wire::Varint(t)) => is_str = t == 1,
+            (2, Wire::Varint(v)) => int = v as i64 as i32 as i64,
+            (3, Wire::Bytes(x)) => text = string(x)?,
+            _ => {}
+        }
+    }
+    Ok(if is_str { json!(text) } else { json!(int) })
+}
+
+/// Decodes a message by its field table.
+fn message(schema: &[Field], b: &[u8]) -> Result<Value, String> {
+    let mut m = Map::new();
+    for (n, w) in fields(b)? {
+        let Some((_, name, ty, repeated)) = schema.iter().find(|f| f.0 == n) else {
+            continue;
+        };
+        // Go's generated code writes every non-pointer field; zero values mean "not set" in JSON terms.
+        let v = match (ty, w) {
+            (Ty::Str, Wire::Bytes([])) if !repeated => continue,
+            (Ty::Str, Wire::Bytes(x)) => json!(string(x)?),
+            (Ty::Int | Ty::Bool, Wire::Varint(0)) => continue,
+            (Ty::Int | Ty::OptInt, Wire::Varint(v)) => json!(v as i64),
+            (Ty::Bool, Wire::Varint(v)) => json!(v != 0),
+            (Ty::StrMap, Wire::Bytes(x)) => {
+                insert_entry(&mut m, name, x, false)?;
+                continue;
+            }
+            (Ty::IntOrStr, Wire::Bytes(x)) => match int_or_string(x)? {
+                v if v == json!(0) => continue,
+                v => v,
+            },
+            (Ty::Meta, Wire::Bytes(x)) => object_meta(x)?,
+            (Ty::Msg(inner), Wire::Bytes(x)) => message(inner, x)?,
+            _ => return Err(format!("field {name} has the wrong wire type")),
+        };
+        if *repeated {
+            let list = m.entry(*name).or_insert_with(|| json!([]));
+            list.as_array_mut().ok_or("repeated field is not a list")?.push(v);
+        } else {
+            m.insert(name.to_string(), v);
+        }
+    }
+    Ok(Value::Object(m))
+}
+
 fn decode_kind(kind: &str, raw: &[u8]) -> Result<Value, String> {
+    match kind {
+        "Deployment" => return message(DEPLOYMENT, raw),
+        "Service" => return message(SERVICE, raw),
+        _ => {}
+    }
     let mut m = Map::new();
     for (n, w) in fields(raw)? {
         match (kind, n, w) {
@@ -169,7 +338,10 @@ pub fn decode(body: &[u8]) -> Result<Value, String> {
             _ => {}
         }
     }
-    if !matches!(kind.as_str(), "ConfigMap" | "Secret" | "Namespace" | "DeleteOptions") {
+    if !matches!(
+        kind.as_str(),
+        "ConfigMap" | "Secret" | "Namespace" | "DeleteOptions" | "Deployment" | "Service"
+    ) {
         return Err(format!(
             "protobuf decoding of {kind:?} is not supported; use JSON (e.g. kubectl apply -f)"
         ));
@@ -211,7 +383,67 @@ mod tests {
             json!({"metadata": {"name": "cm1", "labels": {"app": "x"}}, "data": {"k": "v"},
                              "immutable": true, "apiVersion": "v1", "kind": "ConfigMap"})
         );
-        let tm = [field(1, b"apps/v1"), field(2, b"Deployment")].concat();
+        let tm = [field(1, b"apps/v1"), field(2, b"StatefulSet")].concat();
         assert!(decode(&[MAGIC.to_vec(), field(1, &tm)].concat()).is_err());
+    }
+
+    #[test]
+    fn decodes_deployment_and_service() {
+        let labels = field(11, &[field(1, b"app"), field(2, b"web")].concat());
+        let meta = [field(1, b"web"), labels.clone()].concat();
+        let port = [vec![3 << 3, 80]].concat();
+        let container = [
+            field(1, b"c"),
+            field(2, b"busybox"),
+            field(3, b"sleep"),
+            field(6, &port),
+        ]
+        .concat();
+        let template = [field(1, &labels), field(2, &field(2, &container))].concat();
+        let selector = field(1, &[field(1, b"app"), field(2, b"web")].concat());
+        let spec = [vec![1 << 3, 3], field(2, &selector), field(3, &template), field(4, b"")].concat();
+        let tm = [field(1, b"apps/v1"), field(2, b"Deployment")].concat();
+        let body = [
+            MAGIC.to_vec(),
+            field(1, &tm),
+            field(2, &[field(1, &meta), field(2, &spec)].concat()),
+        ]
+        .concat();
+        assert_eq!(
+            decode(&body).unwrap(),
+            json!({"apiVersion": "apps/v1", "kind": "Deployment",
+                   "metadata": {"name": "web", "labels": {"app": "web"}},
+                   "spec": {"replicas": 3, "selector": {"matchLabels": {"app": "web"}}, "strategy": {},
+                            "template": {"metadata": {"labels": {"app": "web"}},
+                                         "spec": {"containers": [{"name": "c", "image": "busybox",
+                                                                  "command": ["sleep"],
+                                                                  "ports": [{"containerPort": 80}]}]}}}})
+        );
+        let target = [vec![1 << 3, 0], vec![2 << 3, 0x90, 0x3f]].concat();
+        let svc_port = [
+            field(1, b"80-8080"),
+            field(2, b"TCP"),
+            vec![3 << 3, 80],
+            field(4, &target),
+        ]
+        .concat();
+        let svc_spec = [
+            field(1, &svc_port),
+            field(2, &[field(1, b"app"), field(2, b"web")].concat()),
+            field(4, b"ClusterIP"),
+        ]
+        .concat();
+        let tm = [field(1, b"v1"), field(2, b"Service")].concat();
+        let body = [
+            MAGIC.to_vec(),
+            field(1, &tm),
+            field(2, &[field(1, &field(1, b"web")), field(2, &svc_spec)].concat()),
+        ]
+        .concat();
+        assert_eq!(
+            decode(&body).unwrap()["spec"],
+            json!({"ports": [{"name": "80-8080", "protocol": "TCP", "port": 80, "targetPort": 8080}],
+                   "selector": {"app": "web"}, "type": "ClusterIP"})
+        );
     }
 }

@@ -1,6 +1,6 @@
 //! The resource types this server knows: names, scope, verbs and subresources for discovery and routing.
 
-use k8s_openapi::api::{coordination, core, events, node};
+use k8s_openapi::api::{apps, coordination, core, events, node};
 use serde::{Serialize, de::DeserializeOwned};
 use serde_json::Value;
 
@@ -75,6 +75,12 @@ fn codec<T: DeserializeOwned + Serialize>(v: Value) -> Result<Value, String> {
 const STATUS: Sub = Sub {
     name: "status",
     kind: ("", "", ""),
+    verbs: STATUS_VERBS,
+};
+
+const SCALE: Sub = Sub {
+    name: "scale",
+    kind: ("autoscaling", "v1", "Scale"),
     verbs: STATUS_VERBS,
 };
 
@@ -248,12 +254,85 @@ pub static RESOURCES: &[ResourceInfo] = &[
         subresources: &[],
         codec: codec::<node::v1::RuntimeClass>,
     },
+    ResourceInfo {
+        group: "apps",
+        version: "v1",
+        resource: "deployments",
+        singular: "deployment",
+        kind: "Deployment",
+        namespaced: true,
+        short_names: &["deploy"],
+        categories: &["all"],
+        verbs: ALL_VERBS,
+        subresources: &[STATUS, SCALE],
+        codec: codec::<apps::v1::Deployment>,
+    },
+    ResourceInfo {
+        group: "apps",
+        version: "v1",
+        resource: "replicasets",
+        singular: "replicaset",
+        kind: "ReplicaSet",
+        namespaced: true,
+        short_names: &["rs"],
+        categories: &["all"],
+        verbs: ALL_VERBS,
+        subresources: &[STATUS, SCALE],
+        codec: codec::<apps::v1::ReplicaSet>,
+    },
+    ResourceInfo {
+        group: "apps",
+        version: "v1",
+        resource: "daemonsets",
+        singular: "daemonset",
+        kind: "DaemonSet",
+        namespaced: true,
+        short_names: &["ds"],
+        categories: &["all"],
+        verbs: ALL_VERBS,
+        subresources: &[STATUS],
+        codec: codec::<apps::v1::DaemonSet>,
+    },
+    ResourceInfo {
+        group: "apps",
+        version: "v1",
+        resource: "statefulsets",
+        singular: "statefulset",
+        kind: "StatefulSet",
+        namespaced: true,
+        short_names: &["sts"],
+        categories: &["all"],
+        verbs: ALL_VERBS,
+        subresources: &[STATUS, SCALE],
+        codec: codec::<apps::v1::StatefulSet>,
+    },
+    ResourceInfo {
+        group: "apps",
+        version: "v1",
+        resource: "controllerrevisions",
+        singular: "controllerrevision",
+        kind: "ControllerRevision",
+        namespaced: true,
+        short_names: &[],
+        categories: &[],
+        verbs: ALL_VERBS,
+        subresources: &[],
+        codec: codec::<apps::v1::ControllerRevision>,
+    },
 ];
 
 pub fn lookup(group: &str, version: &str, resource: &str) -> Option<&'static ResourceInfo> {
     RESOURCES
         .iter()
         .find(|r| r.group == group && r.version == version && r.resource == resource)
+}
+
+/// The resource serving `kind` in `apiVersion` (as written in an ownerReference).
+pub fn by_kind(api_version: &str, kind: &str) -> Option<&'static ResourceInfo> {
+    let (group, version) = api_version.rsplit_once('/').unwrap_or(("", api_version));
+    RESOURCES
+        .iter()
+        .find(|r| r.group == group && r.version == version && r.kind == kind)
 }
 
 /// Group-versions served, in discovery order: (group, version).

@@ -89,6 +89,44 @@ impl LabelSelector {
     }
 }
 
+/// The string form of a structured `metav1.LabelSelector` (`matchLabels` + `matchExpressions`), as
+/// `kubectl` prints it and as the `labelSelector=` query parameter takes it.
+pub fn selector_string(sel: &Value) -> String {
+    let mut terms: Vec<String> = sel
+        .get("matchLabels")
+        .and_then(Value::as_object)
+        .into_iter()
+        .flatten()
+        .map(|(k, v)| format!("{k}={}", v.as_str().unwrap_or("")))
+        .collect();
+    for e in sel
+        .get("matchExpressions")
+        .and_then(Value::as_array)
+        .into_iter()
+        .flatten()
+    {
+        let key = e["key"].as_str().unwrap_or("");
+        let values: Vec<&str> = e["values"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(Value::as_str)
+            .collect();
+        terms.push(match e["operator"].as_str().unwrap_or("") {
+            "In" => format!("{key} in ({})", values.join(",")),
+            "NotIn" => format!("{key} notin ({})", values.join(",")),
+            "DoesNotExist" => format!("!{key}"),
+            _ => key.to_string(),
+        });
+    }
+    terms.join(",")
+}
+
+/// Whether a structured label selector matches the object's labels. An empty selector matches everything.
+pub fn selector_matches(sel: &Value, obj: &Value) -> bool {
+    LabelSelector::parse(&selector_string(sel)).is_ok_and(|s| s.matches(obj))
+}
+
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct FieldSelector(Vec<(String, bool, String)>);
 
@@ -144,6 +182,22 @@ mod tests {
         assert!(!m("app=db") && !m("app!=web") && !m("app in (db)") && !m("app notin (web)") && !m("!app"));
         assert!(!m("missing") && !m("missing in (x)") && m("missing notin (x)") && m("missing!=x"));
         assert!(LabelSelector::parse("a=b,c in (d").is_err() || LabelSelector::parse("a>>").is_err());
+    }
+
+    #[test]
+    fn structured_selectors() {
+        let sel = json!({"matchLabels": {"app": "web"},
+                         "matchExpressions": [{"key": "tier", "operator": "In", "values": ["fe", "be"]},
+                                              {"key": "old", "operator": "DoesNotExist"}]});
+        assert_eq!(selector_string(&sel), "app=web,tier in (fe,be),!old");
+        assert!(selector_matches(
+            &sel,
+            &json!({"metadata": {"labels": {"app": "web", "tier": "fe"}}})
+        ));
+        assert!(!selector_matches(
+            &sel,
+            &json!({"metadata": {"labels": {"app": "web", "tier": "db"}}})
+        ));
     }
 
     #[test]

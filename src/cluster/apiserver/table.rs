@@ -152,6 +152,52 @@ fn columns(info: &ResourceInfo) -> Vec<Col> {
         ],
         ("coordination.k8s.io", "leases") => vec![name, ("Holder", "string", "", 0), age],
         ("node.k8s.io", "runtimeclasses") => vec![name, ("Handler", "string", "", 0), age],
+        ("apps", "deployments") => vec![
+            name,
+            ("Ready", "string", "", 0),
+            ("Up-to-date", "integer", "", 0),
+            ("Available", "integer", "", 0),
+            age,
+            ("Containers", "string", "", 1),
+            ("Images", "string", "", 1),
+            ("Selector", "string", "", 1),
+        ],
+        ("apps", "replicasets") => vec![
+            name,
+            ("Desired", "integer", "", 0),
+            ("Current", "integer", "", 0),
+            ("Ready", "integer", "", 0),
+            age,
+            ("Containers", "string", "", 1),
+            ("Images", "string", "", 1),
+            ("Selector", "string", "", 1),
+        ],
+        ("apps", "daemonsets") => vec![
+            name,
+            ("Desired", "integer", "", 0),
+            ("Current", "integer", "", 0),
+            ("Ready", "integer", "", 0),
+            ("Up-to-date", "integer", "", 0),
+            ("Available", "integer", "", 0),
+            ("Node Selector", "string", "", 0),
+            age,
+            ("Containers", "string", "", 1),
+            ("Images", "string", "", 1),
+            ("Selector", "string", "", 1),
+        ],
+        ("apps", "statefulsets") => vec![
+            name,
+            ("Ready", "string", "", 0),
+            age,
+            ("Containers", "string", "", 1),
+            ("Images", "string", "", 1),
+        ],
+        ("apps", "controllerrevisions") => vec![
+            name,
+            ("Controller", "string", "", 0),
+            ("Revision", "integer", "", 0),
+            age,
+        ],
         _ => vec![name, age],
     }
 }
@@ -357,6 +403,101 @@ fn cells(info: &ResourceInfo, o: &Value, now: Timestamp) -> Vec<Value> {
         }
         ("coordination.k8s.io", "leases") => vec![name, or_none(s(o, "/spec/holderIdentity")), json!(created)],
         ("node.k8s.io", "runtimeclasses") => vec![name, json!(s(o, "/handler")), json!(created)],
+        ("apps", "deployments" | "replicasets" | "daemonsets" | "statefulsets") => {
+            let n = |ptr: &str| json!(o.pointer(ptr).and_then(Value::as_i64).unwrap_or(0));
+            let containers = arr(o, "/spec/template/spec/containers");
+            let join = |field: &str| {
+                containers
+                    .iter()
+                    .map(|c| c[field].as_str().unwrap_or(""))
+                    .collect::<Vec<_>>()
+                    .join(",")
+            };
+            let wide = [
+                or_none(&join("name")),
+                or_none(&join("image")),
+                or_none(
+                    &o.pointer("/spec/selector")
+                        .map(super::select::selector_string)
+                        .unwrap_or_default(),
+                ),
+            ];
+            let mut row = match info.resource {
+                "statefulsets" => {
+                    let ready = format!(
+                        "{}/{}",
+                        n("/status/readyReplicas"),
+                        o.pointer("/spec/replicas").and_then(Value::as_i64).unwrap_or(1)
+                    );
+                    return vec![name, json!(ready), json!(created), wide[0].clone(), wide[1].clone()];
+                }
+                "deployments" => vec![
+                    name,
+                    json!(format!(
+                        "{}/{}",
+                        n("/status/readyReplicas"),
+                        o.pointer("/spec/replicas").and_then(Value::as_i64).unwrap_or(1)
+                    )),
+                    n("/status/updatedReplicas"),
+                    n("/status/availableReplicas"),
+                    json!(created),
+                ],
+                "replicasets" => vec![
+                    name,
+                    n("/spec/replicas"),
+                    n("/status/replicas"),
+                    n("/status/readyReplicas"),
+                    json!(created),
+                ],
+                _ => {
+                    let selector: Vec<String> = o
+                        .pointer("/spec/template/spec/nodeSelector")
+                        .and_then(Value::as_object)
+                        .into_iter()
+                        .flatten()
+                        .map(|(k, v)| format!("{k}={}", v.as_str().unwrap_or("")))
+                        .collect();
+                    vec![
+                        name,
+                        n("/status/desiredNumberScheduled"),
+                        n("/status/currentNumberScheduled"),
+                        n("/status/numberReady"),
+                        n("/status/updatedNumberScheduled"),
+                        n("/status/numberAvailable"),
+                        or_none(&selector.join(",")),
+                        json!(created),
+                    ]
+                }
+            };
+            row.extend(wide);
+            row
+        }
+        ("apps", "controllerrevisions") => {
+            let controller = arr(o, "/metadata/ownerReferences")
+                .iter()
+                .find(|r| r["controller"] == json!(true))
+                .map(|r| {
+                    let group = r["apiVersion"]
+                        .as_str()
+                        .unwrap_or("")
+                        .rsplit_once('/')
+                        .map_or("", |(g, _)| g);
+                    let kind = r["kind"].as_str().unwrap_or("").to_lowercase();
+                    let kind = if group.is_empty() {
+                        kind
+                    } else {
+                        format!("{kind}.{group}")
+                    };
+                    format!("{kind}/{}", r["name"].as_str().unwrap_or(""))
+                })
+                .unwrap_or_default();
+            vec![
+                name,
+                or_none(&controller),
+                json!(o.get("revision").and_then(Value::as_i64).unwrap_or(0)),
+                json!(created),
+            ]
+        }
         _ => vec![name, json!(created)],
     }
 }

@@ -112,36 +112,10 @@ pub fn apply_defaults(info: &ResourceInfo, obj: &mut Value) {
     match (info.group, info.resource) {
         ("", "pods") => {
             let spec = obj_mut(obj, "spec");
-            default_str(spec, "restartPolicy", "Always");
-            default_str(spec, "dnsPolicy", "ClusterFirst");
-            default_str(spec, "schedulerName", "default-scheduler");
+            default_pod_spec(spec);
             default_str(spec, "preemptionPolicy", "PreemptLowerPriority");
-            spec.entry("terminationGracePeriodSeconds").or_insert(json!(30));
             spec.entry("enableServiceLinks").or_insert(json!(true));
             spec.entry("priority").or_insert(json!(0));
-            spec.entry("securityContext").or_insert(json!({}));
-            for list in ["initContainers", "containers"] {
-                for c in spec.get_mut(list).and_then(Value::as_array_mut).into_iter().flatten() {
-                    let Some(c) = c.as_object_mut() else { continue };
-                    let image = c.get("image").and_then(Value::as_str).unwrap_or("");
-                    let last = image.rsplit('/').next().unwrap_or("");
-                    let policy = if !last.contains(':') || last.ends_with(":latest") {
-                        "Always"
-                    } else {
-                        "IfNotPresent"
-                    };
-                    let policy = if image.contains('@') { "IfNotPresent" } else { policy };
-                    default_str(c, "imagePullPolicy", policy);
-                    default_str(c, "terminationMessagePath", "/dev/termination-log");
-                    default_str(c, "terminationMessagePolicy", "File");
-                    c.entry("resources").or_insert(json!({}));
-                    for p in c.get_mut("ports").and_then(Value::as_array_mut).into_iter().flatten() {
-                        if let Some(p) = p.as_object_mut() {
-                            default_str(p, "protocol", "TCP");
-                        }
-                    }
-                }
-            }
             let status = obj_mut(obj, "status");
             default_str(status, "phase", "Pending");
             default_str(status, "qosClass", "BestEffort");
@@ -178,7 +152,91 @@ pub fn apply_defaults(info: &ResourceInfo, obj: &mut Value) {
             }
             obj_mut(obj, "status").entry("loadBalancer").or_insert(json!({}));
         }
+        ("apps", "deployments" | "replicasets" | "daemonsets" | "statefulsets") => {
+            let spec = obj_mut(obj, "spec");
+            if info.resource == "statefulsets" {
+                default_str(spec, "podManagementPolicy", "OrderedReady");
+                let st = spec.entry("updateStrategy").or_insert(json!({}));
+                if let Some(st) = st.as_object_mut() {
+                    default_str(st, "type", "RollingUpdate");
+                    if st["type"] == "RollingUpdate" {
+                        let ru = st.entry("rollingUpdate").or_insert(json!({}));
+                        if let Some(ru) = ru.as_object_mut() {
+                            ru.entry("partition").or_insert(json!(0));
+                        }
+                    }
+                }
+            }
+            if info.resource != "daemonsets" {
+                spec.entry("replicas").or_insert(json!(1));
+            }
+            if info.resource != "replicasets" {
+                spec.entry("revisionHistoryLimit").or_insert(json!(10));
+            }
+            if info.resource == "deployments" {
+                spec.entry("progressDeadlineSeconds").or_insert(json!(600));
+                default_rolling(spec, "strategy", "25%", "25%");
+            }
+            if info.resource == "daemonsets" {
+                default_rolling(spec, "updateStrategy", "1", "0");
+            }
+            let template = spec.entry("template").or_insert(json!({}));
+            if let Some(t) = template.as_object_mut() {
+                t.entry("metadata").or_insert(json!({}));
+                let pod_spec = t.entry("spec").or_insert(json!({}));
+                if let Some(ps) = pod_spec.as_object_mut() {
+                    default_pod_spec(ps);
+                }
+            }
+        }
         _ => {}
+    }
+}
+
+/// `{type: RollingUpdate, rollingUpdate: {maxUnavailable, maxSurge}}` unless another type is set.
+fn default_rolling(spec: &mut Map<String, Value>, field: &str, max_unavailable: &str, max_surge: &str) {
+    let strategy = spec.entry(field).or_insert(json!({}));
+    let Some(st) = strategy.as_object_mut() else { return };
+    default_str(st, "type", "RollingUpdate");
+    if st["type"] != "RollingUpdate" {
+        return;
+    }
+    let ru = st.entry("rollingUpdate").or_insert(json!({}));
+    if let Some(ru) = ru.as_object_mut() {
+        let int_or_percent = |s: &str| s.parse::<i64>().map_or(json!(s), |n| json!(n));
+        ru.entry("maxUnavailable").or_insert(int_or_percent(max_unavailable));
+        ru.entry("maxSurge").or_insert(int_or_percent(max_surge));
+    }
+}
+
+/// Pod spec defaults, for pods and for the pod templates of workloads.
+fn default_pod_spec(spec: &mut Map<String, Value>) {
+    default_str(spec, "restartPolicy", "Always");
+    default_str(spec, "dnsPolicy", "ClusterFirst");
+    default_str(spec, "schedulerName", "default-scheduler");
+    spec.entry("terminationGracePeriodSeconds").or_insert(json!(30));
+    spec.entry("securityContext").or_insert(json!({}));
+    for list in ["initContainers", "containers"] {
+        for c in spec.get_mut(list).and_then(Value::as_array_mut).into_iter().flatten() {
+            let Some(c) = c.as_object_mut() else { continue };
+            let image = c.get("image").and_then(Value::as_str).unwrap_or("");
+            let last = image.rsplit('/').next().unwrap_or("");
+            let policy = if !last.contains(':') || last.ends_with(":latest") {
+                "Always"
+            } else {
+                "IfNotPresent"
+            };
+            let policy = if image.contains('@') { "IfNotPresent" } else { policy };
+            default_str(c, "imagePullPolicy", policy);
+            default_str(c, "terminationMessagePath", "/dev/termination-log");
+            default_str(c, "terminationMessagePolicy", "File");
+            c.entry("resources").or_insert(json!({}));
+            for p in c.get_mut("ports").and_then(Value::as_array_mut).into_iter().flatten() {
+                if let Some(p) = p.as_object_mut() {
+                    default_str(p, "protocol", "TCP");
+                }
+            }
+        }
     }
 }
 
@@ -241,7 +299,10 @@ pub fn validate(info: &ResourceInfo, obj: &Value) -> ApiResult<()> {
         }
     }
     match (info.group, info.resource) {
-        ("", "pods") => validate_pod_spec(obj, &mut causes),
+        ("", "pods") => validate_pod_spec(&obj["spec"], "spec", &mut causes),
+        ("apps", "deployments" | "replicasets" | "daemonsets" | "statefulsets") => {
+            validate_workload(info, obj, &mut causes)
+        }
         ("", "configmaps") | ("", "secrets") => {
             for field in ["data", "binaryData", "stringData"] {
                 for k in obj
@@ -298,22 +359,130 @@ pub fn validate(info: &ResourceInfo, obj: &Value) -> ApiResult<()> {
     }
 }
 
-fn validate_pod_spec(obj: &Value, causes: &mut Vec<Cause>) {
-    let containers = obj.pointer("/spec/containers").and_then(Value::as_array);
+/// Selector, template and counts of Deployments, ReplicaSets and DaemonSets.
+fn validate_workload(info: &ResourceInfo, obj: &Value, causes: &mut Vec<Cause>) {
+    let selector = obj.pointer("/spec/selector");
+    let empty = selector.is_none_or(|s| {
+        s.get("matchLabels")
+            .and_then(Value::as_object)
+            .is_none_or(|m| m.is_empty())
+            && s.get("matchExpressions")
+                .and_then(Value::as_array)
+                .is_none_or(|e| e.is_empty())
+    });
+    if empty {
+        causes.push(Cause::required("spec.selector", ""));
+    } else if let Some(sel) = selector
+        && !super::select::selector_matches(sel, &obj["spec"]["template"])
+    {
+        let labels = obj
+            .pointer("/spec/template/metadata/labels")
+            .cloned()
+            .unwrap_or(json!({}));
+        causes.push(Cause::invalid(
+            "spec.template.metadata.labels",
+            &labels.to_string(),
+            "`selector` does not match template `labels`",
+        ));
+    }
+    for field in ["replicas", "minReadySeconds", "revisionHistoryLimit"] {
+        if let Some(n) = obj["spec"].get(field).and_then(Value::as_i64)
+            && n < 0
+        {
+            causes.push(Cause::invalid(
+                format!("spec.{field}"),
+                &n.to_string(),
+                "must be greater than or equal to 0",
+            ));
+        }
+    }
+    let template_spec = &obj["spec"]["template"]["spec"];
+    validate_pod_spec(template_spec, "spec.template.spec", causes);
+    let rp = str_at(template_spec, "/restartPolicy");
+    if rp != "Always" && !rp.is_empty() {
+        causes.push(Cause::invalid(
+            "spec.template.spec.restartPolicy",
+            rp,
+            "supported values: \"Always\"",
+        ));
+    }
+    if info.resource == "deployments" {
+        let st = str_at(obj, "/spec/strategy/type");
+        if !["RollingUpdate", "Recreate"].contains(&st) {
+            causes.push(Cause::invalid(
+                "spec.strategy.type",
+                st,
+                "supported values: \"Recreate\", \"RollingUpdate\"",
+            ));
+        }
+        if st == "RollingUpdate" {
+            validate_rolling_update(obj, causes);
+        }
+        if st == "Recreate"
+            && obj
+                .pointer("/spec/strategy/rollingUpdate")
+                .is_some_and(|r| !r.is_null())
+        {
+            causes.push(Cause::forbidden(
+                "spec.strategy.rollingUpdate",
+                "may not be specified when strategy `type` is 'Recreate'",
+            ));
+        }
+    }
+}
+
+/// maxUnavailable and maxSurge: non-negative ints or percentages up to 100%, not both zero.
+fn validate_rolling_update(obj: &Value, causes: &mut Vec<Cause>) {
+    let zero = |v: Option<&Value>| match v {
+        Some(Value::Number(n)) => n.as_i64() == Some(0),
+        Some(Value::String(p)) => p.trim_end_matches('%').parse::<i64>().ok() == Some(0),
+        _ => false,
+    };
+    for field in ["maxUnavailable", "maxSurge"] {
+        let v = obj.pointer(&format!("/spec/strategy/rollingUpdate/{field}"));
+        let bad = match v {
+            Some(Value::Number(n)) => n.as_i64().is_none_or(|n| n < 0),
+            Some(Value::String(p)) => p
+                .strip_suffix('%')
+                .and_then(|p| p.parse::<i64>().ok())
+                .is_none_or(|p| !(0..=100).contains(&p)),
+            _ => false,
+        };
+        if bad {
+            causes.push(Cause::invalid(
+                format!("spec.strategy.rollingUpdate.{field}"),
+                &v.map(Value::to_string).unwrap_or_default(),
+                "must be a non-negative integer or a percentage between 0% and 100%",
+            ));
+        }
+    }
+    if zero(obj.pointer("/spec/strategy/rollingUpdate/maxUnavailable"))
+        && zero(obj.pointer("/spec/strategy/rollingUpdate/maxSurge"))
+    {
+        causes.push(Cause::invalid(
+            "spec.strategy.rollingUpdate.maxUnavailable",
+            "0",
+            "may not be 0 when `maxSurge` is 0",
+        ));
+    }
+}
+
+fn validate_pod_spec(spec: &Value, prefix: &str, causes: &mut Vec<Cause>) {
+    let containers = spec.get("containers").and_then(Value::as_array);
     if containers.is_none_or(|c| c.is_empty()) {
-        causes.push(Cause::required("spec.containers", ""));
+        causes.push(Cause::required(format!("{prefix}.containers"), ""));
     }
     let mut seen = Vec::new();
     for list in ["initContainers", "containers"] {
-        for (i, c) in obj
-            .pointer(&format!("/spec/{list}"))
+        for (i, c) in spec
+            .get(list)
             .and_then(Value::as_array)
             .into_iter()
             .flatten()
             .enumerate()
         {
             let cname = str_at(c, "/name");
-            let field = format!("spec.{list}[{i}]");
+            let field = format!("{prefix}.{list}[{i}]");
             if cname.is_empty() {
                 causes.push(Cause::required(format!("{field}.name"), ""));
             } else if !is_dns1123_label(cname) {
@@ -346,10 +515,10 @@ fn validate_pod_spec(obj: &Value, causes: &mut Vec<Cause>) {
             }
         }
     }
-    let rp = str_at(obj, "/spec/restartPolicy");
+    let rp = str_at(spec, "/restartPolicy");
     if !["Always", "OnFailure", "Never"].contains(&rp) {
         causes.push(Cause::invalid(
-            "spec.restartPolicy",
+            format!("{prefix}.restartPolicy"),
             rp,
             "supported values: \"Always\", \"OnFailure\", \"Never\"",
         ));
@@ -408,6 +577,12 @@ pub fn validate_update(info: &ResourceInfo, old: &Value, new: &Value) -> ApiResu
                 causes.push(Cause::invalid("type", str_at(new, "/type"), "field is immutable"));
             }
         }
+        ("apps", "deployments" | "replicasets" | "daemonsets" | "statefulsets")
+            if old.pointer("/spec/selector") != new.pointer("/spec/selector") =>
+        {
+            let sel = new.pointer("/spec/selector").cloned().unwrap_or(Value::Null);
+            causes.push(Cause::invalid("spec.selector", &sel.to_string(), "field is immutable"));
+        }
         ("node.k8s.io", "runtimeclasses") if old.get("handler") != new.get("handler") => {
             causes.push(Cause::invalid("handler", str_at(new, "/handler"), "field is immutable"));
         }
@@ -463,6 +638,51 @@ mod tests {
                 .unwrap_err()
                 .message
                 .contains("spec.containers: Required value")
+        );
+    }
+
+    #[test]
+    fn workload_selector_and_strategy() {
+        let deployments = lookup("apps", "v1", "deployments").unwrap();
+        let d = |selector: Value, strategy: Value| {
+            let mut d = json!({"metadata": {"name": "web"},
+                               "spec": {"selector": selector, "strategy": strategy,
+                                        "template": {"metadata": {"labels": {"app": "web"}},
+                                                     "spec": {"containers": [{"name": "c", "image": "i"}]}}}});
+            apply_defaults(deployments, &mut d);
+            d
+        };
+        let fields = |v: &Value| -> Vec<String> {
+            match validate(deployments, v) {
+                Ok(()) => Vec::new(),
+                Err(e) => e.details["causes"]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .map(|c| c["field"].as_str().unwrap().to_string())
+                    .collect(),
+            }
+        };
+        let ok = d(json!({"matchLabels": {"app": "web"}}), json!({}));
+        assert!(fields(&ok).is_empty());
+        assert_eq!(ok["spec"]["strategy"]["rollingUpdate"]["maxSurge"], "25%");
+        assert_eq!(fields(&d(json!({}), json!({}))), ["spec.selector"]);
+        assert_eq!(
+            fields(&d(json!({"matchLabels": {"app": "db"}}), json!({}))),
+            ["spec.template.metadata.labels"]
+        );
+        let both_zero = json!({"type": "RollingUpdate", "rollingUpdate": {"maxSurge": 0, "maxUnavailable": "0%"}});
+        assert_eq!(
+            fields(&d(json!({"matchLabels": {"app": "web"}}), both_zero)),
+            ["spec.strategy.rollingUpdate.maxUnavailable"]
+        );
+        let mut changed = ok.clone();
+        changed["spec"]["selector"]["matchLabels"]["tier"] = json!("x");
+        assert!(
+            validate_update(deployments, &ok, &changed)
+                .unwrap_err()
+                .message
+                .contains("field is immutable")
         );
     }
 

@@ -2,16 +2,21 @@
 //! informers (list+watch caches) and reconciles on changes and on a timer;
 //! the decisions are pure functions, unit-tested in their files.
 //!
-//! Namespace deletion needs no controller here: the API server empties and
-//! removes a terminating namespace itself.
+//! Namespace deletion and garbage collection (ownerReferences) need no
+//! controller here: the API server does both itself.
 
 use std::time::Duration;
 
 use crate::cluster::client::Client;
 
+pub mod daemonset;
+pub mod deployment;
 pub mod node_lifecycle;
 pub mod pod_gc;
+pub mod replicaset;
+pub mod statefulset;
 pub mod taint_eviction;
+pub mod workload;
 
 /// Settings of the controllers, from `podvisor up`.
 #[derive(Clone, Debug)]
@@ -40,5 +45,9 @@ pub fn spawn_all(client: &Client, settings: &Settings) -> Vec<tokio::task::JoinH
         node_lifecycle::spawn(client.clone(), settings.node_monitor_grace),
         pod_gc::spawn(client.clone(), settings.terminated_pod_threshold),
         taint_eviction::spawn(client.clone(), settings.pod_eviction_timeout),
+        replicaset::spawn(client.clone()),
+        deployment::spawn(client.clone()),
+        daemonset::spawn(client.clone()),
+        statefulset::spawn(client.clone()),
     ]
 }
