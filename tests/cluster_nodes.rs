@@ -2,7 +2,7 @@
 //! and two `podvisor join` processes, each with its own CRI daemon and pod
 //! network), driven by the real `kubectl`: pods spread over the nodes, logs
 //! and exec reach a joined node's agent, pods reach each other across nodes
-//! by pod IP, and a node that dies has its pods evicted.
+//! by pod IP, and a node that dies has its pods evicted and replaced elsewhere.
 
 mod common;
 
@@ -15,18 +15,23 @@ use common::registry::Registry;
 
 const WAIT: Duration = Duration::from_secs(60);
 
-fn pod(name: &str, image: &str) -> String {
+fn deployment(image: &str) -> String {
     format!(
-        "apiVersion: v1
-kind: Pod
-metadata: {{name: {name}, labels: {{app: spread}}}}
+        "apiVersion: apps/v1
+kind: Deployment
+metadata: {{name: web}}
 spec:
-  terminationGracePeriodSeconds: 0
-  containers:
-  - name: web
-    image: {image}
-    command: [sh, -c, 'mkdir -p /www && hostname > /www/index.html && echo serving {name} && exec httpd -f -p 8080 -h /www']
-    resources: {{requests: {{cpu: 100m}}}}
+  replicas: 3
+  selector: {{matchLabels: {{app: web}}}}
+  template:
+    metadata: {{labels: {{app: web}}}}
+    spec:
+      terminationGracePeriodSeconds: 0
+      containers:
+      - name: web
+        image: {image}
+        command: [sh, -c, 'mkdir -p /www && hostname > /www/index.html && echo serving $(hostname) && exec httpd -f -p 8080 -h /www']
+        resources: {{requests: {{cpu: 100m}}}}
 "
     )
 }
@@ -89,9 +94,8 @@ fn three_nodes_spread_talk_and_fail_over() {
     });
     assert_eq!(nodes.trim(), "alpha=True alpha-2=True alpha-3=True");
 
-    // Spread: equal requests on equal nodes put one pod on each.
-    let manifest: Vec<String> = ["p1", "p2", "p3"].iter().map(|n| pod(n, &image)).collect();
-    let file = c.file("pods.yaml", &manifest.join("---\n"));
+    // Spread: equal requests on equal nodes put one replica on each.
+    let file = c.file("web.yaml", &deployment(&image));
     c.ok(&["apply", "-f", &file]);
     let placement = "jsonpath={range .items[*]}{.metadata.name}:{.spec.nodeName}:{.status.podIP}:{.status.phase} {end}";
     let out = c.wait_output(&["get", "pods", "-o", placement], WAIT, |o| {
@@ -144,6 +148,15 @@ fn three_nodes_spread_talk_and_fail_over() {
         |t| !t.is_empty(),
     );
     eprintln!("node death → pod marked for deletion: {:?}", died.elapsed());
+    // The Deployment replaces it on a live node.
+    let live = "jsonpath={range .items[*]}{.spec.nodeName}:{.status.phase}:{.metadata.deletionTimestamp} {end}";
+    c.wait_output(&["get", "pods", "-l", "app=web", "-o", live], WAIT, |o| {
+        o.split_whitespace()
+            .filter(|p| p.ends_with(":Running:") && !p.starts_with("alpha-3:"))
+            .count()
+            == 3
+    });
+    eprintln!("node death → replacement running elsewhere: {:?}", died.elapsed());
     // The others keep serving.
     assert!(http_from(&c, &first, &second_ip).contains(&second));
 
