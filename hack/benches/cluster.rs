@@ -17,6 +17,7 @@ use common::oci::{Flavour, TestImage};
 use common::push::push_image;
 use common::registry::Registry;
 use futures_util::StreamExt;
+use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::core::v1::{Namespace, Node, Pod};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::WatchEvent;
 use podvisor::cluster::client::{Client, ListParams, WatchStream};
@@ -380,9 +381,80 @@ async fn main() {
     report("kubectl apply → bound", &mut applied);
     if agent_node.is_some() {
         report("kubectl apply → Running", &mut applied_running);
+        deployments(&client, &image).await;
     }
     drop(up);
     several_nodes().await;
+}
+
+fn deployment_status(d: &Deployment) -> (i64, i32, i32, i32) {
+    let status = d.status.clone().unwrap_or_default();
+    (
+        status.observed_generation.unwrap_or(0),
+        status.updated_replicas.unwrap_or(0),
+        status.available_replicas.unwrap_or(0),
+        status.replicas.unwrap_or(0),
+    )
+}
+
+/// Polls the Deployment until `generation` is observed with every replica updated and available.
+async fn wait_rolled_out(client: &Client, name: &str, generation: i64, replicas: i32) {
+    let deadline = Instant::now() + Duration::from_secs(300);
+    loop {
+        let d: Deployment = client.get(Some("default"), name).await.expect("deployment");
+        let (observed, updated, available, total) = deployment_status(&d);
+        if observed >= generation && updated == replicas && available == replicas && total == replicas {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "deployment {name} not rolled out: {:?}",
+            d.status
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+/// A 10-replica Deployment: create → all available, then a rollout of all 10.
+async fn deployments(client: &Client, image: &str) {
+    let template = |marker: &str| {
+        json!({
+            "metadata": {"labels": {"app": "bench"}},
+            "spec": {
+                "terminationGracePeriodSeconds": 0,
+                "containers": [{"name": "c", "image": image, "command": ["/bin/busybox", "sleep", "3600"],
+                                "env": [{"name": "ROUND", "value": marker}]}],
+            },
+        })
+    };
+    let deployment: Deployment = serde_json::from_value(json!({
+        "metadata": {"name": "bench"},
+        "spec": {"replicas": 10, "selector": {"matchLabels": {"app": "bench"}}, "template": template("1")},
+    }))
+    .unwrap();
+    let started = Instant::now();
+    client
+        .create(Some("default"), &deployment)
+        .await
+        .expect("create deployment");
+    wait_rolled_out(client, "bench", 1, 10).await;
+    once("Deployment of 10 → all available", started.elapsed());
+    let started = Instant::now();
+    let patched: Deployment = client
+        .merge_patch(
+            Some("default"),
+            "bench",
+            None,
+            &json!({"spec": {"template": template("2")}}),
+        )
+        .await
+        .expect("patch deployment");
+    wait_rolled_out(client, "bench", patched.metadata.generation.unwrap_or(2), 10).await;
+    once("rollout of 10 (25% surge/unavailable)", started.elapsed());
+    client
+        .delete::<Deployment>(Some("default"), "bench", Some(0))
+        .await
+        .expect("delete deployment");
 }
 
 /// `podvisor up --nodes 3`: time to three Ready nodes, idle RSS of the whole
