@@ -160,6 +160,17 @@ fn three_nodes_spread_talk_and_fail_over() {
     // The others keep serving.
     assert!(http_from(&c, &first, &second_ip).contains(&second));
 
+    // drain: alpha is cordoned and its replica evicted, to come back on alpha-2 (alpha-3 is dead).
+    let out = c.ok(&["drain", "alpha", "--ignore-daemonsets", "--timeout=60s"]);
+    assert!(out.contains("evicted") && out.contains("drained"), "{out}");
+    assert!(c.ok(&["get", "node", "alpha"]).contains("SchedulingDisabled"));
+    c.wait_output(&["get", "pods", "-l", "app=web", "-o", live], WAIT, |o| {
+        let running: Vec<&str> = o.split_whitespace().filter(|p| p.ends_with(":Running:")).collect();
+        running.len() == 3 && running.iter().all(|p| p.starts_with("alpha-2:"))
+    });
+    c.ok(&["uncordon", "alpha"]);
+    assert!(!c.ok(&["get", "node", "alpha"]).contains("SchedulingDisabled"));
+
     // kill -9 of the cluster process: the node processes live on and are adopted.
     let mut c = c;
     let container = "jsonpath={.status.containerStatuses[0].containerID}";
@@ -172,7 +183,7 @@ fn three_nodes_spread_talk_and_fail_over() {
     );
     c.wait_output(&["get", "nodes", "-o", ready], WAIT, |o| o.contains("alpha-2=True"));
     assert_eq!(c.ok(&["get", "pod", &second, "-o", container]), second_container);
-    assert!(http_from(&c, &first, &second_ip).contains(&second));
+    assert!(http_from(&c, &second, &second_ip).contains(&second));
 
     // down stops the node processes, which remove their pods.
     let monitors = format!("monitor {}", c.dir.path().join("state-alpha-2").display());
