@@ -276,3 +276,67 @@ fn join_with_a_token_checks_the_ca_hash() {
     let ready = "jsonpath={.status.conditions[?(@.type==\"Ready\")].status}";
     c.wait_output(&["get", "node", "joiner", "-o", ready], WAIT, |s| s == "True");
 }
+
+/// A node on another machine (faked: a Node whose InternalIP sits on a spare
+/// bridge here) gets a route to its pod subnets through its address; the route
+/// goes with the node.
+#[test]
+fn pod_subnets_of_other_machines_are_routed() {
+    let c = Cluster::start();
+    let n = std::process::id() % 200 + 20;
+    let link = format!("pvr{}", std::process::id() % 100000);
+    struct Link(String);
+    impl Drop for Link {
+        fn drop(&mut self) {
+            let _ = std::process::Command::new("ip").args(["link", "del", &self.0]).status();
+        }
+    }
+    let ip = |args: &[&str]| {
+        let out = std::process::Command::new("ip").args(args).output().unwrap();
+        assert!(
+            out.status.success(),
+            "ip {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    ip(&["link", "add", &link, "type", "bridge"]);
+    let _link = Link(link.clone());
+    ip(&["addr", "add", &format!("10.253.{n}.1/24"), "dev", &link]);
+    ip(&["link", "set", &link, "up"]);
+    let subnet = format!("10.254.{n}.0/24");
+    let remote = serde_json::json!({
+        "apiVersion": "v1", "kind": "Node",
+        "metadata": {"name": "remote", "annotations": {"podvisor.io/pod-subnets": subnet}},
+        "status": {"addresses": [{"type": "InternalIP", "address": format!("10.253.{n}.2")}]},
+    });
+    let file = c.file("remote.json", &remote.to_string());
+    c.ok(&["apply", "-f", &file]);
+    let deadline = Instant::now() + WAIT;
+    let route = loop {
+        let route = ip(&["route", "show", &subnet]);
+        if !route.trim().is_empty() {
+            break route;
+        }
+        assert!(Instant::now() < deadline, "no route to {subnet}:\n{}", c.log());
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    assert!(
+        route.contains(&format!("via 10.253.{n}.2")) && route.contains("proto 199"),
+        "{route}"
+    );
+    // The node's own subnet is published too.
+    let own = c.ok(&[
+        "get",
+        "nodes",
+        "-o",
+        "jsonpath={.items[?(@.metadata.name!=\"remote\")].metadata.annotations.podvisor\\.io/pod-subnets}",
+    ]);
+    assert!(own.starts_with("10."), "{own:?}");
+    c.ok(&["delete", "node", "remote"]);
+    let deadline = Instant::now() + WAIT;
+    while !ip(&["route", "show", &subnet]).trim().is_empty() {
+        assert!(Instant::now() < deadline, "the route to {subnet} outlived its node");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}

@@ -82,6 +82,7 @@ impl RuntimeService for RuntimeServiceImpl {
             let details = serde_json::json!({
                 "runtime": &self.info,
                 "podCIDR": pod_cidr,
+                "podSubnets": self.manager.pod_subnets(),
                 "cgroupDriver": "cgroupfs",
                 "vm": self.manager.vm_info(),
             });

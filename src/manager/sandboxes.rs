@@ -174,6 +174,10 @@ impl Manager {
     }
 
     /// Whether pods can be attached to the network now, or why not.
+    pub fn pod_subnets(&self) -> Vec<String> {
+        self.inner.network.pod_subnets()
+    }
+
     pub async fn network_ready(&self) -> Result<String, String> {
         self.inner.network.ready().await
     }

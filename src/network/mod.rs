@@ -178,6 +178,19 @@ impl PodNetwork {
         }
     }
 
+    /// The pod subnets when the built-in network is in use (a CNI network's are its plugins' business).
+    pub fn pod_subnets(&self) -> Vec<String> {
+        match self.choose() {
+            Ok(None) => {
+                let config = self.builtin.config();
+                std::iter::once(config.subnet_v4.to_string())
+                    .chain(config.subnet_v6.map(|v6| v6.to_string()))
+                    .collect()
+            }
+            _ => Vec::new(),
+        }
+    }
+
     /// Prepares the built-in network at daemon start when it is the one in use.
     pub async fn start(&self) {
         if matches!(self.choose(), Ok(None))

@@ -87,6 +87,25 @@ impl Cri {
         .await
     }
 
+    /// The pod subnets the runtime reports in its verbose status (podvisor does; other runtimes may not).
+    pub async fn pod_subnets(&self) -> Vec<String> {
+        let Ok(status) = call(
+            "Status",
+            CALL_TIMEOUT,
+            self.runtime().status(api::StatusRequest { verbose: true }),
+        )
+        .await
+        else {
+            return Vec::new();
+        };
+        status
+            .info
+            .get("info")
+            .and_then(|info| serde_json::from_str::<serde_json::Value>(info).ok())
+            .and_then(|info| serde_json::from_value(info.get("podSubnets")?.clone()).ok())
+            .unwrap_or_default()
+    }
+
     pub async fn list_sandboxes(&self, labels: HashMap<String, String>) -> Result<Vec<api::PodSandbox>> {
         let request = api::ListPodSandboxRequest {
             filter: Some(api::PodSandboxFilter {

@@ -16,6 +16,7 @@ mod machine;
 mod node;
 mod probes;
 mod quantity;
+mod routes;
 pub mod server;
 mod start;
 mod status;
@@ -91,6 +92,8 @@ pub(crate) struct Context {
     /// e.g. `podvisor://0.1.0`.
     pub runtime_version: String,
     pub host_dns: machine::ResolvConf,
+    /// The runtime's pod subnets, published on the Node for the other nodes' routes.
+    pub pod_subnets: Vec<String>,
     /// For httpGet probes and hooks.
     pub http: reqwest::Client,
     pub workers: Workers,
@@ -178,6 +181,7 @@ async fn run(client: Client, options: AgentOptions, workers: Workers) {
         ))
         .build()
         .unwrap_or_default();
+    let pod_subnets = cri.pod_subnets().await;
     let ctx = Arc::new(Context {
         recorder: Recorder::new(client.clone(), "kubelet", Some(&options.node_name)),
         client: client.clone(),
@@ -186,6 +190,7 @@ async fn run(client: Client, options: AgentOptions, workers: Workers) {
         runtime_name: version.runtime_name.clone(),
         runtime_version: format!("{}://{}", version.runtime_name, version.runtime_version),
         host_dns: machine::ResolvConf::host(),
+        pod_subnets,
         http,
         options,
         workers,
@@ -197,6 +202,7 @@ async fn run(client: Client, options: AgentOptions, workers: Workers) {
     informer.wait_synced().await;
     let _watcher = AbortOnDrop(tokio::spawn(watch_runtime(ctx.clone())));
     let _log_rotation = AbortOnDrop(tokio::spawn(logrotate::run(ctx.clone())));
+    let _routes = AbortOnDrop(tokio::spawn(routes::run(ctx.clone())));
     let known: Vec<String> = informer.list().iter().filter_map(|p| p.metadata.uid.clone()).collect();
     tokio::spawn(teardown::remove_orphans(ctx.clone(), known));
     reconcile(&ctx, &informer.list());

@@ -118,9 +118,18 @@ fn labels(ctx: &Context) -> BTreeMap<String, String> {
 }
 
 fn annotations(ctx: &Context) -> Option<BTreeMap<String, String>> {
-    let ca = ctx.options.kubelet_ca_pem.as_ref()?;
-    let key = crate::cluster::apiserver::node_proxy::KUBELET_CA_ANNOTATION;
-    Some([(key.to_string(), ca.clone())].into())
+    let mut annotations = BTreeMap::new();
+    if let Some(ca) = &ctx.options.kubelet_ca_pem {
+        let key = crate::cluster::apiserver::node_proxy::KUBELET_CA_ANNOTATION;
+        annotations.insert(key.to_string(), ca.clone());
+    }
+    if !ctx.pod_subnets.is_empty() {
+        annotations.insert(
+            super::routes::POD_SUBNETS_ANNOTATION.to_string(),
+            ctx.pod_subnets.join(","),
+        );
+    }
+    (!annotations.is_empty()).then_some(annotations)
 }
 
 /// Creates the Node, or updates the one a previous run registered.
