@@ -197,3 +197,50 @@ fn survives_kill_9() {
     assert_eq!(std::fs::read(&ca_path).unwrap(), ca);
     assert_eq!(c.ok(&["get", "cm", "keep", "-o", "jsonpath={.data.k}"]), "v");
 }
+
+/// A delete without a resourceVersion precondition succeeds while another
+/// client keeps writing the object (the graceful delete's own write is retried).
+#[test]
+fn delete_wins_over_concurrent_writes() {
+    use k8s_openapi::api::core::v1::Pod;
+    use podvisor::cluster::client::Client;
+    let c = Cluster::start_with(&["--control-plane-only"], "");
+    let client = Client::from_kubeconfig(&c.kubeconfig()).unwrap();
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap()
+        .block_on(async move {
+            for round in 0..20 {
+                let name = format!("busy-{round}");
+                let pod: Pod = serde_json::from_value(serde_json::json!({
+                    "metadata": {"name": name},
+                    "spec": {"nodeName": "gone", "containers": [{"name": "c", "image": "busybox"}]},
+                }))
+                .unwrap();
+                client.create(Some("default"), &pod).await.unwrap();
+                let writer = {
+                    let (client, name) = (client.clone(), name.clone());
+                    tokio::spawn(async move {
+                        for i in 0..200 {
+                            let patch = serde_json::json!({"metadata": {"labels": {"i": i.to_string()}}});
+                            if client
+                                .merge_patch::<Pod>(Some("default"), &name, None, &patch)
+                                .await
+                                .is_err()
+                            {
+                                break;
+                            }
+                        }
+                    })
+                };
+                tokio::time::sleep(Duration::from_millis(5)).await;
+                client
+                    .delete::<Pod>(Some("default"), &name, None)
+                    .await
+                    .unwrap_or_else(|e| panic!("round {round}: {e}"));
+                writer.abort();
+            }
+        });
+}

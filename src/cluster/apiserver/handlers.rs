@@ -790,8 +790,30 @@ fn delete_opts(ctx: &Ctx) -> ApiResult<DeleteOpts> {
 const IMMORTAL: &[&str] = &["default", "kube-system", "kube-public"];
 
 /// Deletes one object, honouring the delete policy (graceful pods), finalizers and the propagation policy towards
-/// its dependents. Returns its last state.
+/// its dependents. Returns its last state. Without a resourceVersion precondition a concurrent write does not fail
+/// the delete: it is tried again on the object as it now is.
 pub(super) async fn delete_object(
+    state: &Arc<State>,
+    info: &'static ResourceInfo,
+    old: &Object,
+    opts: &DeleteOpts,
+) -> ApiResult<Value> {
+    let mut current = old.clone();
+    for _ in 0..8 {
+        match delete_object_once(state, info, &current, opts).await {
+            Err(e) if e.code == StatusCode::CONFLICT && opts.rv.is_none() => {
+                match state.store.get(&current.key).await {
+                    Ok(latest) if latest.rv != current.rv => current = latest,
+                    _ => return Err(e),
+                }
+            }
+            result => return result,
+        }
+    }
+    Err(ApiError::conflict(&info.qualified(), &old.key.name))
+}
+
+async fn delete_object_once(
     state: &Arc<State>,
     info: &'static ResourceInfo,
     old: &Object,
