@@ -725,3 +725,79 @@ fn container_logs_rotate() {
     let size = std::fs::metadata(dir.join("0.log")).unwrap().len();
     assert!(size < 512 * 1024, "the current log grew to {size} bytes");
 }
+
+/// A gRPC health server of the test's own, toggled between SERVING and NOT_SERVING.
+struct Health(std::sync::Arc<std::sync::atomic::AtomicBool>);
+
+#[tonic::async_trait]
+impl podvisor::cri::proto::health::health_server::Health for Health {
+    async fn check(
+        &self,
+        _: tonic::Request<podvisor::cri::proto::health::HealthCheckRequest>,
+    ) -> Result<tonic::Response<podvisor::cri::proto::health::HealthCheckResponse>, tonic::Status> {
+        use podvisor::cri::proto::health::health_check_response::ServingStatus;
+        let status = match self.0.load(std::sync::atomic::Ordering::SeqCst) {
+            true => ServingStatus::Serving,
+            false => ServingStatus::NotServing,
+        };
+        Ok(tonic::Response::new(
+            podvisor::cri::proto::health::HealthCheckResponse { status: status as i32 },
+        ))
+    }
+}
+
+/// A gRPC readiness probe (grpc.health.v1 Check) gates the pod's readiness.
+#[test]
+fn grpc_probe_gates_readiness() {
+    let serving = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(true));
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .unwrap();
+    let listener = rt.block_on(tokio::net::TcpListener::bind("0.0.0.0:0")).unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let service = podvisor::cri::proto::health::health_server::HealthServer::new(Health(serving.clone()));
+    rt.spawn(
+        tonic::transport::Server::builder()
+            .add_service(service)
+            .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
+    );
+    let env = Env::start();
+    // A host-network pod: its IP is the node's, where the test's server listens.
+    let pod = format!(
+        "apiVersion: v1
+kind: Pod
+metadata: {{name: grpc}}
+spec:
+  nodeName: $NODE
+  hostNetwork: true
+  terminationGracePeriodSeconds: 0
+  containers:
+  - name: main
+    image: $IMAGE
+    command: [sh, -c, 'trap \"exit 0\" TERM; while true; do sleep 1; done']
+    readinessProbe: {{grpc: {{port: {port}}}, periodSeconds: 1, failureThreshold: 1}}
+"
+    );
+    env.apply("grpc", &pod);
+    let ready = "{.status.conditions[?(@.type==\"Ready\")].status}";
+    env.wait_jsonpath("grpc", ready, |s| s == "True");
+    serving.store(false, std::sync::atomic::Ordering::SeqCst);
+    env.wait_jsonpath("grpc", ready, |s| s == "False");
+    let events = env.c.wait_output(
+        &[
+            "get",
+            "events",
+            "--field-selector",
+            "involvedObject.name=grpc,reason=Unhealthy",
+            "-o",
+            "jsonpath={.items[*].message}",
+        ],
+        WAIT,
+        |m| m.contains("NOT_SERVING"),
+    );
+    assert!(events.contains("Readiness probe failed"), "{events}");
+    serving.store(true, std::sync::atomic::Ordering::SeqCst);
+    env.wait_jsonpath("grpc", ready, |s| s == "True");
+}

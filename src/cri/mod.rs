@@ -26,6 +26,11 @@ pub mod proto {
     pub mod podvisor {
         tonic::include_proto!("podvisor.v1");
     }
+    /// gRPC health checking, for the node agent's gRPC probes.
+    #[allow(clippy::all, clippy::pedantic, missing_docs)] // reason: generated code
+    pub mod health {
+        tonic::include_proto!("grpc.health.v1");
+    }
 }
 
 /// Sends a list in batches, as the CRI's `Stream*` calls do, keeping each

@@ -6,7 +6,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
 use k8s_openapi::api::core::v1::{
-    Container, ExecAction, HTTPGetAction, LifecycleHandler, ObjectReference, Probe, TCPSocketAction,
+    Container, ExecAction, GRPCAction, HTTPGetAction, LifecycleHandler, ObjectReference, Probe, TCPSocketAction,
 };
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use tokio::sync::Notify;
@@ -33,6 +33,7 @@ enum Action<'a> {
     Exec(&'a ExecAction),
     Http(&'a HTTPGetAction),
     Tcp(&'a TCPSocketAction),
+    Grpc(&'a GRPCAction),
 }
 
 /// Where a probe or hook runs.
@@ -50,8 +51,10 @@ fn probe_action(probe: &Probe) -> Option<Action<'_>> {
         Some(Action::Exec(exec))
     } else if let Some(http) = &probe.http_get {
         Some(Action::Http(http))
+    } else if let Some(tcp) = &probe.tcp_socket {
+        Some(Action::Tcp(tcp))
     } else {
-        probe.tcp_socket.as_ref().map(Action::Tcp)
+        probe.grpc.as_ref().map(Action::Grpc)
     }
 }
 
@@ -134,6 +137,51 @@ async fn run_action(ctx: &Context, target: &Target, action: Action<'_>, timeout:
                 Err(_) => Err(format!("dial tcp {address}: i/o timeout")),
             }
         }
+        Action::Grpc(grpc) => grpc_check(&target.host, grpc, timeout).await,
+    }
+}
+
+/// A gRPC probe: `grpc.health.v1.Health/Check` on the pod IP; only SERVING passes.
+async fn grpc_check(host: &str, grpc: &GRPCAction, timeout: Duration) -> Result<(), String> {
+    use crate::cri::proto::health::health_check_response::ServingStatus;
+    use crate::cri::proto::health::{HealthCheckRequest, health_client::HealthClient};
+    let port = u16::try_from(grpc.port).map_err(|_| format!("invalid port {}", grpc.port))?;
+    let address = if host.contains(':') {
+        format!("[{host}]:{port}")
+    } else {
+        format!("{host}:{port}")
+    };
+    let endpoint = tonic::transport::Endpoint::from_shared(format!("http://{address}"))
+        .map_err(|e| format!("invalid address {address}: {e}"))?
+        .connect_timeout(timeout)
+        .timeout(timeout);
+    let channel = match tokio::time::timeout(timeout, endpoint.connect()).await {
+        Ok(Ok(channel)) => channel,
+        Ok(Err(e)) => return Err(format!("failed to connect service {address:?}: {e}")),
+        Err(_) => {
+            return Err(format!(
+                "timeout: failed to connect service {address:?} within {timeout:?}"
+            ));
+        }
+    };
+    let request = HealthCheckRequest {
+        service: grpc.service.clone().unwrap_or_default(),
+    };
+    let response = match tokio::time::timeout(timeout, HealthClient::new(channel).check(request)).await {
+        Ok(Ok(response)) => response.into_inner(),
+        Ok(Err(status)) => {
+            return Err(format!(
+                "rpc error: code = {:?} desc = {}",
+                status.code(),
+                status.message()
+            ));
+        }
+        Err(_) => return Err(format!("timeout: health rpc did not complete within {timeout:?}")),
+    };
+    match ServingStatus::try_from(response.status) {
+        Ok(ServingStatus::Serving) => Ok(()),
+        Ok(other) => Err(format!("service unhealthy (responded with {:?})", other.as_str_name())),
+        Err(_) => Err(format!("service unhealthy (responded with status {})", response.status)),
     }
 }
 
@@ -288,6 +336,7 @@ async fn probe_loop(
             Action::Exec(a) => Action::Exec(a),
             Action::Http(a) => Action::Http(a),
             Action::Tcp(a) => Action::Tcp(a),
+            Action::Grpc(a) => Action::Grpc(a),
         };
         match run_action(ctx, target, action, timeout).await {
             Ok(()) => {
