@@ -74,8 +74,15 @@ async fn vm_fixture() -> (Fixture, String, String) {
     (fixture, disk_ref, kernel_ref)
 }
 
+/// A VM pod with a hostPort (a free port) for the guest's port 80.
 async fn run_vm_pod(fixture: &Fixture, guard: &DomainGuard, name: &str) -> (String, cri::PodSandboxConfig) {
-    let config = fixture.pod(name);
+    let mut config = fixture.pod(name);
+    config.port_mappings.push(cri::PortMapping {
+        protocol: cri::Protocol::Tcp as i32,
+        container_port: 80,
+        host_port: common::free_port() as i32,
+        host_ip: String::new(),
+    });
     let id = fixture
         .runtime()
         .await
@@ -158,6 +165,149 @@ async fn wait_http(ip: &str, timeout: Duration, when: &str) -> String {
     }
 }
 
+async fn wait_http_at(address: &str, timeout: Duration, when: &str) {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let got = async {
+            let mut stream = tokio::net::TcpStream::connect(address).await.ok()?;
+            stream.write_all(b"GET / HTTP/1.0\r\n\r\n").await.ok()?;
+            let mut body = String::new();
+            tokio::time::timeout(Duration::from_secs(5), stream.read_to_string(&mut body))
+                .await
+                .ok()?
+                .ok()?;
+            Some(body)
+        };
+        if tokio::time::timeout(Duration::from_secs(6), got)
+            .await
+            .ok()
+            .flatten()
+            .is_some_and(|b| b.contains(INDEX_HTML))
+        {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no answer from {address} within {timeout:?} {when}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// Exec (guest agent), attach (serial console) and port-forward (the pod IP)
+/// through the streaming server, as kubectl and crictl use them.
+async fn streaming_into_the_vm(fixture: &Fixture, pod: &str, id: &str) {
+    use common::streaming::*;
+    use futures_util::{SinkExt, StreamExt};
+    use tokio_tungstenite::tungstenite::Message;
+    let mut runtime = fixture.runtime().await;
+
+    // Exec over WebSocket v5: stdin whole to the agent, stdout and stderr apart, the exit code.
+    let url = runtime
+        .exec(cri::ExecRequest {
+            container_id: id.into(),
+            cmd: ["/bin/sh", "-c", "cat; echo e >&2; exit 4"].map(String::from).to_vec(),
+            stdin: true,
+            stdout: true,
+            stderr: true,
+            tty: false,
+        })
+        .await
+        .expect("Exec into a VM")
+        .into_inner()
+        .url;
+    let (mut ws, _) = ws_connect(&url, "v5.channel.k8s.io").await;
+    for message in [&b"\x00piped "[..], b"\x00input", &[255, 0]] {
+        ws.send(Message::Binary(bytes::Bytes::copy_from_slice(message)))
+            .await
+            .unwrap();
+    }
+    let (channels, _) = ws_collect(&mut ws).await;
+    assert_eq!(channels[&1], b"piped input");
+    assert_eq!(channels[&2], b"e\n");
+    assert_eq!(exit_code_of(&channels[&3]), 4);
+
+    // A terminal cannot be had through the agent: refused, clearly.
+    let err = runtime
+        .exec(cri::ExecRequest {
+            container_id: id.into(),
+            cmd: vec!["sh".into()],
+            stdin: true,
+            stdout: true,
+            tty: true,
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), tonic::Code::InvalidArgument, "{err:?}");
+    assert!(err.message().contains("guest agent"), "{err:?}");
+
+    // Attach: the serial console's shell answers what is typed.
+    let url = runtime
+        .attach(cri::AttachRequest {
+            container_id: id.into(),
+            stdin: true,
+            stdout: true,
+            tty: true,
+            ..Default::default()
+        })
+        .await
+        .expect("Attach to a VM")
+        .into_inner()
+        .url;
+    let (mut ws, _) = ws_connect(&url, "v5.channel.k8s.io").await;
+    ws.send(Message::Binary(bytes::Bytes::from_static(
+        b"\x00echo attach-$((6*7))\n",
+    )))
+    .await
+    .unwrap();
+    let mut seen = Vec::new();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    while !String::from_utf8_lossy(&seen).contains("attach-42") {
+        let message = tokio::time::timeout_at(deadline, ws.next())
+            .await
+            .unwrap_or_else(|_| panic!("no answer on the console: {:?}", String::from_utf8_lossy(&seen)))
+            .expect("the attach stream ended")
+            .expect("a WebSocket message");
+        if let Message::Binary(data) = message
+            && data.first() == Some(&1)
+        {
+            seen.extend_from_slice(&data[1..]);
+        }
+    }
+    let _ = ws.close(None).await;
+
+    // Port-forward over SPDY to the guest's port 80.
+    let url = runtime
+        .port_forward(cri::PortForwardRequest {
+            pod_sandbox_id: pod.into(),
+            port: vec![],
+        })
+        .await
+        .expect("PortForward into a VM pod")
+        .into_inner()
+        .url;
+    let (_, session) = spdy_connect(&url, &["portforward.k8s.io"]).await;
+    let headers = |kind: &str| {
+        podvisor::streaming::spdy::Headers::new()
+            .with("streamType", kind)
+            .with("port", "80")
+            .with("requestID", "0")
+    };
+    let mut error = session.open_stream(headers("error")).unwrap();
+    let data = session.open_stream(headers("data")).unwrap();
+    error.shutdown().await.unwrap();
+    let (mut data_rd, mut data_wr) = data.into_split();
+    data_wr.write_all(b"GET / HTTP/1.0\r\n\r\n").await.unwrap();
+    let (page, error) = tokio::join!(read_all(&mut data_rd), read_all(&mut error));
+    assert!(
+        String::from_utf8_lossy(&page).contains(INDEX_HTML),
+        "{} / {}",
+        String::from_utf8_lossy(&page),
+        String::from_utf8_lossy(&error)
+    );
+}
+
 fn rss_kib(pid: &str) -> u64 {
     std::fs::read_to_string(format!("/proc/{pid}/status"))
         .unwrap_or_default()
@@ -181,7 +331,7 @@ async fn vm_pod_lifecycle() {
         return;
     }
     let guard = DomainGuard::default();
-    let (mut fixture, disk_ref, _kernel_ref) = vm_fixture().await;
+    let (mut fixture, disk_ref, kernel_ref) = vm_fixture().await;
 
     // Status: the vm handler and the hypervisor decision.
     let status = fixture
@@ -282,26 +432,78 @@ async fn vm_pod_lifecycle() {
     );
     wait_http(&ip, Duration::from_secs(10), "after the guest's broadcasts").await;
 
-    // Streaming sessions into VMs are refused clearly (never run on the node).
-    let mut runtime = fixture.runtime().await;
-    let err = runtime
-        .exec(cri::ExecRequest {
+    streaming_into_the_vm(&fixture, &pod, &id).await;
+
+    // The hostPort reaches the guest's HTTP server.
+    let host_port = pod_config.port_mappings[0].host_port;
+    wait_http_at(
+        &format!("127.0.0.1:{host_port}"),
+        Duration::from_secs(20),
+        "through its hostPort",
+    )
+    .await;
+
+    // A container pod and the VM pod reach each other by pod IP.
+    let client_config = fixture.pod("vmclient");
+    let client_pod = fixture.run_pod(client_config.clone()).await;
+    let client = fixture
+        .create(
+            &client_pod,
+            &client_config,
+            fixture.container(
+                "web",
+                "mkdir -p /www && echo hello-from-the-container > /www/index.html && exec httpd -f -p 8080 -h /www",
+            ),
+        )
+        .await
+        .unwrap();
+    fixture.start_container(&client).await.unwrap();
+    let request = format!("printf 'GET / HTTP/1.0\\r\\n\\r\\n' | nc -w 3 {ip} 80");
+    let out = fixture.exec(&client, &["sh", "-c", &request]).await;
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains(INDEX_HTML),
+        "container pod → VM: {out:?}"
+    );
+    let client_ip = pod_ip(&fixture, &client_pod).await;
+    let request = format!("printf 'GET / HTTP/1.0\\r\\n\\r\\n' | nc -w 3 {client_ip} 8080");
+    let out = fixture.exec(&id, &["/bin/sh", "-c", &request]).await;
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("hello-from-the-container"),
+        "VM → container pod: {out:?}"
+    );
+    fixture.remove_pod(&client_pod).await;
+
+    // Stats from libvirt: CPU time, QEMU's memory, the root overlay.
+    let stats = fixture
+        .runtime()
+        .await
+        .container_stats(cri::ContainerStatsRequest {
             container_id: id.clone(),
-            cmd: vec!["true".into()],
-            stdout: true,
-            ..Default::default()
         })
         .await
-        .unwrap_err();
-    assert_eq!(err.code(), tonic::Code::FailedPrecondition, "{err:?}");
-    let err = runtime
-        .port_forward(cri::PortForwardRequest {
+        .unwrap()
+        .into_inner()
+        .stats
+        .unwrap();
+    let value = |v: Option<cri::UInt64Value>| v.map(|v| v.value).unwrap_or(0);
+    assert!(value(stats.cpu.unwrap().usage_core_nano_seconds) > 0);
+    assert!(value(stats.memory.unwrap().working_set_bytes) > 64 << 20);
+    assert!(value(stats.writable_layer.unwrap().used_bytes) > 0);
+    let pod_stats = fixture
+        .runtime()
+        .await
+        .pod_sandbox_stats(cri::PodSandboxStatsRequest {
             pod_sandbox_id: pod.clone(),
-            port: vec![80],
         })
         .await
-        .unwrap_err();
-    assert_eq!(err.code(), tonic::Code::FailedPrecondition, "{err:?}");
+        .unwrap()
+        .into_inner()
+        .stats
+        .unwrap()
+        .linux
+        .unwrap();
+    assert!(value(pod_stats.cpu.unwrap().usage_core_nano_seconds) > 0);
+    assert_eq!(pod_stats.containers.len(), 1);
 
     // One container per VM pod; images that are not VM images.
     let err = fixture
@@ -367,4 +569,42 @@ async fn vm_pod_lifecycle() {
         .into_inner()
         .containers;
     assert!(listed.is_empty());
+
+    // A direct-kernel-boot image: vmlinuz and initrd from the image, the command line from the annotation.
+    let mut kernel_pod_config = fixture.pod("vmkernel");
+    kernel_pod_config.annotations.insert(
+        "vm.podvisor.io/kernel-cmdline".into(),
+        "console=ttyS0 podvisor.test=kernel-boot".into(),
+    );
+    let kernel_pod = fixture
+        .runtime()
+        .await
+        .run_pod_sandbox(cri::RunPodSandboxRequest {
+            config: Some(kernel_pod_config.clone()),
+            runtime_handler: "vm".into(),
+        })
+        .await
+        .expect("RunPodSandbox vm (kernel boot)")
+        .into_inner()
+        .pod_sandbox_id;
+    guard.track(&kernel_pod);
+    let kernel_vm = fixture
+        .create(&kernel_pod, &kernel_pod_config, vm_container(&kernel_ref))
+        .await
+        .expect("CreateContainer (direct kernel boot)");
+    fixture
+        .start_container(&kernel_vm)
+        .await
+        .expect("StartContainer (direct kernel boot)");
+    let kernel_ip = pod_ip(&fixture, &kernel_pod).await;
+    wait_http(&kernel_ip, Duration::from_secs(120), "after a direct kernel boot").await;
+    let log_path = fixture.status(&kernel_vm).await.log_path;
+    let log = std::fs::read_to_string(&log_path).unwrap();
+    assert!(
+        log.lines()
+            .any(|l| l.contains(vmimage::initramfs::CMDLINE_MARKER) && l.contains("podvisor.test=kernel-boot")),
+        "the annotation's command line did not reach the kernel:\n{log}"
+    );
+    fixture.remove_pod(&kernel_pod).await;
+    assert!(!domain_exists(&podvisor::backend::vm::domain_name(&kernel_pod)));
 }

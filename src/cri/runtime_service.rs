@@ -375,7 +375,7 @@ impl RuntimeService for RuntimeServiceImpl {
         let request = request.into_inner();
         let record = self
             .manager
-            .running_container(&request.container_id)
+            .exec_target(&request.container_id, request.tty)
             .map_err(manager_status)?;
         let url = self
             .streaming
@@ -567,7 +567,7 @@ impl RuntimeServiceImpl {
     fn container_stats_of(&self, record: &crate::manager::records::ContainerRecord) -> cri::ContainerStats {
         let now = crate::manager::now_nanos();
         let stats = self.manager.container_stats(record).unwrap_or_default();
-        let usage = self.manager.writable_layer_usage(&record.runtime);
+        let usage = self.manager.writable_layer_usage(record);
         cri::ContainerStats {
             attributes: Some(cri::ContainerAttributes {
                 id: record.id.clone(),
@@ -639,16 +639,16 @@ impl RuntimeServiceImpl {
 
     fn sandbox_stats_of(&self, record: &crate::manager::records::SandboxRecord) -> cri::PodSandboxStats {
         let now = crate::manager::now_nanos();
-        let stats = self
+        let running = self
             .manager
-            .sandbox_stats(&record.runtime.cgroup_path)
-            .unwrap_or_default();
-        let containers = self
-            .manager
-            .list_containers("", &record.id, Some(ContainerState::Running), &HashMap::new())
-            .iter()
-            .map(|c| self.container_stats_of(c))
-            .collect();
+            .list_containers("", &record.id, Some(ContainerState::Running), &HashMap::new());
+        let stats = match record.backend {
+            // QEMU runs outside the pod's cgroup: the pod is its VM.
+            crate::backend::BackendKind::Vm => running.first().and_then(|vm| self.manager.container_stats(vm)),
+            crate::backend::BackendKind::Linux => self.manager.sandbox_stats(&record.runtime.cgroup_path),
+        }
+        .unwrap_or_default();
+        let containers = running.iter().map(|c| self.container_stats_of(c)).collect();
         cri::PodSandboxStats {
             attributes: Some(cri::PodSandboxAttributes {
                 id: record.id.clone(),

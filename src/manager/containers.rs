@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use super::records::{ContainerRecord, ContainerState, SandboxState, process_start_time};
 use super::{EventKind, Manager, ManagerError, container_name_key, new_id, now_nanos, store_error};
-use crate::backend::linux::{ContainerPlan, ContainerRuntime, ExecOutput, process::ProcessConfig};
+use crate::backend::linux::{ContainerPlan, ExecOutput, process::ProcessConfig};
 use crate::image::ImageError;
 use crate::spec::ContainerSpec;
 
@@ -473,7 +473,11 @@ impl Manager {
     }
 
     pub fn container_stats(&self, record: &ContainerRecord) -> Option<crate::cgroups::Stats> {
-        self.inner.linux.stats(&record.runtime.cgroup_path)
+        match &record.vm {
+            Some(vm) if record.state == ContainerState::Running => self.vm_stats(vm),
+            Some(_) => None,
+            None => self.inner.linux.stats(&record.runtime.cgroup_path),
+        }
     }
 
     /// Interface counters inside a pod's network namespace.
@@ -488,8 +492,12 @@ impl Manager {
         self.inner.linux.stats(cgroup_path)
     }
 
-    pub fn writable_layer_usage(&self, runtime: &ContainerRuntime) -> crate::sys::fs::Usage {
-        crate::sys::fs::tree_usage(&runtime.rw_dir.join("upper")).unwrap_or_default()
+    /// The container's own writes: the upper layer, or a VM's root overlay on the host.
+    pub fn writable_layer_usage(&self, record: &ContainerRecord) -> crate::sys::fs::Usage {
+        match &record.vm {
+            Some(vm) => crate::sys::fs::tree_usage(&vm.dir.join("root.qcow2")).unwrap_or_default(),
+            None => crate::sys::fs::tree_usage(&record.runtime.rw_dir.join("upper")).unwrap_or_default(),
+        }
     }
 }
 

@@ -27,6 +27,22 @@ impl Manager {
         self.inner.vm.clone()
     }
 
+    /// A running VM's usage from libvirt, in cgroup terms: the guest's CPU
+    /// time, and QEMU's resident memory as what it costs the node.
+    pub(super) fn vm_stats(&self, vm: &VmContainer) -> Option<crate::cgroups::Stats> {
+        let stats = self.vm_backend().stats(vm).ok()?;
+        let rss = stats.memory_rss_kib.unwrap_or(0) * 1024;
+        Some(crate::cgroups::Stats {
+            cpu_usage_ns: stats.cpu_time_ns,
+            memory_usage: rss,
+            memory_working_set: rss,
+            memory_rss: rss,
+            memory_limit: Some(stats.memory_max_kib * 1024).filter(|l| *l > 0),
+            pids_current: 1,
+            ..Default::default()
+        })
+    }
+
     /// Decides KVM or TCG in the background, so that Status can tell and the
     /// first VM does not wait. Only when libvirt is there at all.
     pub fn probe_hypervisor(&self) {
@@ -214,9 +230,20 @@ impl Manager {
                 record.id
             )));
         }
+        self.exec_vm(container, command, None, Duration::from_secs(timeout.max(0) as u64))
+            .await
+    }
+
+    /// Runs a command through the VM's guest agent, with `stdin` as its input.
+    pub(super) async fn exec_vm(
+        &self,
+        container: VmContainer,
+        command: Vec<String>,
+        stdin: Option<Vec<u8>>,
+        timeout: Duration,
+    ) -> Result<ExecOutput, ManagerError> {
         let vm = self.vm_backend();
-        let timeout = Duration::from_secs(timeout.max(0) as u64);
-        let output = blocking(move || vm.exec(&container, &command, timeout)).await;
+        let output = blocking(move || vm.exec(&container, &command, stdin, timeout)).await;
         match output {
             Ok(out) => Ok(ExecOutput {
                 stdout: out.stdout,

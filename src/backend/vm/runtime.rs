@@ -515,7 +515,13 @@ impl VmBackend {
     }
 
     /// Runs a command through the guest agent.
-    pub fn exec(&self, vm: &VmContainer, command: &[String], timeout: Duration) -> Result<agent::ExecOutput, VmError> {
+    pub fn exec(
+        &self,
+        vm: &VmContainer,
+        command: &[String],
+        stdin: Option<Vec<u8>>,
+        timeout: Duration,
+    ) -> Result<agent::ExecOutput, VmError> {
         let conn = self.connect()?;
         let domain = conn
             .lookup(&vm.domain)?
@@ -524,7 +530,7 @@ impl VmBackend {
             path: command.first().cloned().unwrap_or_default(),
             args: command.iter().skip(1).cloned().collect(),
             env: Vec::new(),
-            stdin: None,
+            stdin,
             timeout,
         };
         agent::ping(&domain, Duration::from_secs(2))?;
