@@ -61,8 +61,17 @@ pub async fn run(ctx: Arc<Context>) {
     // The Lease is renewed and the status posted every quarter of the lease duration, as kubelet does.
     let heartbeat = (beat.ctx.options.lease_duration / 4).max(Duration::from_millis(200));
     let mut last_post = Instant::now() - heartbeat;
+    // While the runtime is not ready (e.g. its network still starting), look again soon.
+    let mut not_ready_wait = Duration::from_millis(50);
     loop {
         let readiness = beat.readiness().await;
+        let wait = if readiness.ready {
+            not_ready_wait = Duration::from_millis(50);
+            READINESS_CHECK.min(heartbeat)
+        } else {
+            not_ready_wait = (not_ready_wait * 2).min(READINESS_CHECK);
+            not_ready_wait.min(heartbeat)
+        };
         let changed = beat.readiness.as_ref() != Some(&readiness);
         if changed {
             if beat.readiness.is_some() {
@@ -88,7 +97,7 @@ pub async fn run(ctx: Arc<Context>) {
                 beat.lease = None;
             }
         }
-        tokio::time::sleep(READINESS_CHECK.min(heartbeat)).await;
+        tokio::time::sleep(wait).await;
     }
 }
 
