@@ -444,6 +444,14 @@ async fn create_object(
     validate::apply_defaults(info, &mut obj);
     validate::validate(info, &obj)?;
     let name = obj["metadata"]["name"].as_str().unwrap_or("").to_string();
+    let _allocating = match (info.group, info.resource) {
+        ("", "services") => {
+            let guard = state.service_allocation.lock().await;
+            super::services::allocate(state, &mut obj).await?;
+            Some(guard)
+        }
+        _ => None,
+    };
     if info.namespaced {
         let nskey = Key::new("", "namespaces", "", ns);
         match state.store.get(&nskey).await {
@@ -525,6 +533,9 @@ fn prepare_update(ctx: &Ctx, old: &Value, mut new: Value, fv: FieldValidation) -
     meta.remove("managedFields");
     let warnings = validate::decode(info, &mut new, fv)?;
     validate::apply_defaults(info, &mut new);
+    if (info.group, info.resource) == ("", "services") && !status_only {
+        super::services::keep_addresses(old, &mut new)?;
+    }
     validate::validate(info, &new)?;
     validate::validate_update(info, old, &new)?;
     if !status_only {
@@ -1059,7 +1070,7 @@ pub(super) async fn bootstrap(state: &Arc<State>) -> anyhow::Result<()> {
             lookup("", "v1", "services"),
             "default",
             json!({"metadata": {"name": "kubernetes", "labels": {"component": "apiserver", "provider": "kubernetes"}},
-                   "spec": {"type": "ClusterIP", "clusterIP": "10.96.0.1",
+                   "spec": {"type": "ClusterIP", "clusterIP": super::services::first_ip(&state.service_cidr).to_string(),
                             "ports": [{"name": "https", "port": 443, "protocol": "TCP", "targetPort": 6443}]}}),
         ),
     ];

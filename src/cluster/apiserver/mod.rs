@@ -11,6 +11,7 @@ pub mod patch;
 pub mod protobuf;
 pub mod registry;
 pub mod select;
+pub mod services;
 pub mod table;
 pub mod tls;
 pub mod validate;
@@ -45,7 +46,11 @@ pub struct Config {
     /// Listen address; port 0 picks a free port.
     pub addr: SocketAddr,
     pub hooks: Hooks,
+    /// Where Services' ClusterIPs come from; the first address is the `kubernetes` service's.
+    pub service_cidr: ipnet::Ipv4Net,
 }
+
+pub const DEFAULT_SERVICE_CIDR: &str = "10.96.0.0/16";
 
 impl Config {
     pub fn new(state_dir: impl Into<PathBuf>) -> Self {
@@ -53,6 +58,7 @@ impl Config {
             state_dir: state_dir.into(),
             addr: SocketAddr::from(([127, 0, 0, 1], 6443)),
             hooks: Hooks::default(),
+            service_cidr: DEFAULT_SERVICE_CIDR.parse().expect("a CIDR"),
         }
     }
 }
@@ -67,6 +73,9 @@ pub(crate) struct State {
     pub hooks: Hooks,
     /// Wakes the garbage collector (after deletes).
     pub gc: tokio::sync::Notify,
+    pub service_cidr: ipnet::Ipv4Net,
+    /// Serializes Service creations (address allocation).
+    pub service_allocation: tokio::sync::Mutex<()>,
 }
 
 /// A running API server.
@@ -98,6 +107,8 @@ impl ApiServer {
             ca_pem: creds.ca_pem.clone(),
             hooks: config.hooks,
             gc: tokio::sync::Notify::new(),
+            service_cidr: config.service_cidr,
+            service_allocation: tokio::sync::Mutex::new(()),
         });
         handlers::bootstrap(&state).await?;
         let gc_task = gc::spawn(state.clone());

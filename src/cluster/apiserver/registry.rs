@@ -1,6 +1,6 @@
 //! The resource types this server knows: names, scope, verbs and subresources for discovery and routing.
 
-use k8s_openapi::api::{apps, coordination, core, events, node};
+use k8s_openapi::api::{apps, coordination, core, discovery, events, node};
 use serde::{Serialize, de::DeserializeOwned};
 use serde_json::Value;
 
@@ -201,6 +201,32 @@ pub static RESOURCES: &[ResourceInfo] = &[
         verbs: ALL_VERBS,
         subresources: &[STATUS],
         codec: codec::<core::v1::Service>,
+    },
+    ResourceInfo {
+        group: "",
+        version: "v1",
+        resource: "endpoints",
+        singular: "endpoints",
+        kind: "Endpoints",
+        namespaced: true,
+        short_names: &["ep"],
+        categories: &[],
+        verbs: ALL_VERBS,
+        subresources: &[],
+        codec: codec::<core::v1::Endpoints>,
+    },
+    ResourceInfo {
+        group: "discovery.k8s.io",
+        version: "v1",
+        resource: "endpointslices",
+        singular: "endpointslice",
+        kind: "EndpointSlice",
+        namespaced: true,
+        short_names: &[],
+        categories: &[],
+        verbs: ALL_VERBS,
+        subresources: &[],
+        codec: codec::<discovery::v1::EndpointSlice>,
     },
     ResourceInfo {
         group: "",

@@ -143,6 +143,14 @@ fn columns(info: &ResourceInfo) -> Vec<Col> {
             age,
             ("Selector", "string", "", 1),
         ],
+        ("", "endpoints") => vec![name, ("Endpoints", "string", "", 0), age],
+        ("discovery.k8s.io", "endpointslices") => vec![
+            name,
+            ("AddressType", "string", "", 0),
+            ("Ports", "string", "", 0),
+            ("Endpoints", "string", "", 0),
+            age,
+        ],
         (_, "events") => vec![
             ("Last Seen", "string", "", 0),
             ("Type", "string", "", 0),
@@ -369,6 +377,32 @@ fn cells(info: &ResourceInfo, o: &Value, now: Timestamp) -> Vec<Value> {
                 or_none(&sel.join(",")),
             ]
         }
+        ("", "endpoints") => {
+            let mut shown = Vec::new();
+            for subset in arr(o, "/subsets") {
+                for address in subset["addresses"].as_array().into_iter().flatten() {
+                    for port in subset["ports"].as_array().into_iter().flatten() {
+                        shown.push(format!("{}:{}", s(address, "/ip"), port["port"]));
+                    }
+                }
+            }
+            vec![name, or_none(&list_of(&shown)), json!(created)]
+        }
+        ("discovery.k8s.io", "endpointslices") => {
+            let ports: Vec<String> = arr(o, "/ports").iter().map(|p| p["port"].to_string()).collect();
+            let addresses: Vec<String> = arr(o, "/endpoints")
+                .iter()
+                .flat_map(|e| e["addresses"].as_array().cloned().unwrap_or_default())
+                .filter_map(|a| a.as_str().map(String::from))
+                .collect();
+            vec![
+                name,
+                json!(s(o, "/addressType")),
+                or_none(&ports.join(",")),
+                or_none(&list_of(&addresses)),
+                json!(created),
+            ]
+        }
         (g, "events") => {
             let core = g.is_empty();
             let (obj, msg, last) = if core {
@@ -536,6 +570,14 @@ pub fn table(info: &ResourceInfo, objs: &[&Value], rv: &str, include: IncludeObj
         t["columnDefinitions"] = json!(cols);
     }
     t
+}
+
+/// The first three entries, then "+ N more...", as kubectl prints endpoint lists.
+fn list_of(items: &[String]) -> String {
+    match items.len() {
+        0..=3 => items.join(","),
+        n => format!("{} + {} more...", items[..3].join(","), n - 3),
+    }
 }
 
 #[cfg(test)]
