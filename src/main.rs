@@ -113,6 +113,9 @@ enum Command {
         /// The node Lease's duration in seconds; the agent renews it every quarter of that.
         #[arg(long, default_value_t = 40, value_parser = clap::value_parser!(u64).range(1..))]
         node_lease_duration_seconds: u64,
+        /// Services' ClusterIPs come from this range (its first address is the `kubernetes` Service's).
+        #[arg(long, default_value = podvisor::cluster::apiserver::DEFAULT_SERVICE_CIDR)]
+        service_cidr: ipnet::Ipv4Net,
         /// Nodes on this machine, this one included; the others are `podvisor join` processes with their own
         /// CRI daemon and pod network (see README).
         #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u64).range(1..=16))]
@@ -266,6 +269,7 @@ fn up_options(command: &Command) -> Option<podvisor::cluster::up::UpOptions> {
         pod_eviction_timeout,
         nodes,
         node_lease_duration_seconds,
+        service_cidr,
         ..
     } = command
     else {
@@ -303,6 +307,7 @@ fn up_options(command: &Command) -> Option<podvisor::cluster::up::UpOptions> {
         join: None,
         nodes: *nodes as usize,
         node_lease_duration: std::time::Duration::from_secs(*node_lease_duration_seconds),
+        service_cidr: *service_cidr,
     })
 }
 
@@ -366,6 +371,9 @@ fn join_options(command: &Command) -> Option<podvisor::cluster::up::UpOptions> {
         join: Some(target),
         nodes: 1,
         node_lease_duration: std::time::Duration::from_secs(*node_lease_duration_seconds),
+        service_cidr: podvisor::cluster::apiserver::DEFAULT_SERVICE_CIDR
+            .parse()
+            .expect("a CIDR"),
     })
 }
 

@@ -10,6 +10,7 @@ pub mod events;
 pub mod forward;
 pub mod informer;
 pub mod nodes;
+pub mod proxy;
 pub mod scheduler;
 pub mod store;
 pub mod up;

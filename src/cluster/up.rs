@@ -59,6 +59,8 @@ pub struct UpOptions {
     pub nodes: usize,
     /// The node agents' Lease duration (renewed every quarter of it).
     pub node_lease_duration: Duration,
+    /// Where Services' ClusterIPs come from.
+    pub service_cidr: ipnet::Ipv4Net,
 }
 
 /// How a joining node reaches and trusts the cluster.
@@ -274,6 +276,7 @@ pub async fn run_foreground(options: UpOptions, shutdown: impl Future<Output = (
             };
             let mut api_config = ApiConfig::new(api_dir);
             api_config.addr = options.api_address;
+            api_config.service_cidr = options.service_cidr;
             let mut proxy = KubeletProxy::new(&credentials.ca_pem, &credentials.token)?;
             if let Some((endpoint, _)) = &agent_server {
                 proxy = proxy.with_local_node(&options.node_name, endpoint.addr);
@@ -293,6 +296,10 @@ pub async fn run_foreground(options: UpOptions, shutdown: impl Future<Output = (
         }
     };
     let components = Components::start(&client, &options, agent_server.as_ref().map(|(e, _)| e));
+    // One service proxy per machine: the extra local nodes share this one's network namespace.
+    let proxy_table = crate::cluster::proxy::table_name(&options.data_dir);
+    let proxy = (options.join.is_none() && !options.control_plane_only)
+        .then(|| crate::cluster::proxy::spawn(client.clone(), proxy_table.clone()));
     std::fs::write(options.data_dir.join(READY_FILE), client.base_url().as_bytes())?;
     tracing::info!(
         api = %client.base_url(),
@@ -315,6 +322,10 @@ pub async fn run_foreground(options: UpOptions, shutdown: impl Future<Output = (
         components.remove_pods().await;
     }
     components.stop();
+    if let Some(proxy) = proxy {
+        proxy.abort();
+        crate::cluster::proxy::remove_table(&proxy_table).await;
+    }
     if let Some(api) = api {
         api.stop();
     }

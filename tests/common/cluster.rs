@@ -296,6 +296,11 @@ fn remove_pods_of(endpoint: &str, root: &std::path::Path, state: &std::path::Pat
 impl Drop for Cluster {
     fn drop(&mut self) {
         self.kill();
+        let table = podvisor::cluster::proxy::table_name(&self.data_dir());
+        let _ = Command::new("nft")
+            .args(["delete", "table", "ip", &table])
+            .stderr(Stdio::null())
+            .status();
         self.remove_extra_nodes();
         self.remove_pods();
         let dir = self.dir.path().display().to_string();
