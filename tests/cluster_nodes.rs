@@ -82,7 +82,7 @@ fn three_nodes_spread_talk_and_fail_over() {
             "--node-lease-duration-seconds",
             "2",
             "--node-monitor-grace-period",
-            "3s",
+            "5s",
             "--pod-eviction-timeout",
             "2s",
         ],

@@ -43,8 +43,15 @@ pub(super) async fn allocate(state: &State, obj: &mut Value) -> ApiResult<()> {
     // A name already taken fails as the create would, not on its own address.
     let name = obj.pointer("/metadata/name").and_then(Value::as_str).unwrap_or("");
     let namespace = obj.pointer("/metadata/namespace").and_then(Value::as_str).unwrap_or("");
-    if services.iter().any(|s| s.key.name == name && s.key.namespace == namespace) {
-        return Err(ApiError::from_store(crate::cluster::store::StoreError::AlreadyExists, "services", name));
+    if services
+        .iter()
+        .any(|s| s.key.name == name && s.key.namespace == namespace)
+    {
+        return Err(ApiError::from_store(
+            crate::cluster::store::StoreError::AlreadyExists,
+            "services",
+            name,
+        ));
     }
     let ips: HashSet<String> = services
         .iter()
