@@ -159,6 +159,9 @@ enum Command {
         /// The node Lease's duration in seconds; the agent renews it every quarter of that.
         #[arg(long, default_value_t = 40, value_parser = clap::value_parser!(u64).range(1..))]
         node_lease_duration_seconds: u64,
+        /// The cluster DNS address for pods (the `kube-dns` Service's).
+        #[arg(long)]
+        cluster_dns: Option<std::net::Ipv4Addr>,
         /// Use this CRI runtime instead of starting podvisor's own daemon.
         #[arg(long)]
         runtime_endpoint: Option<String>,
@@ -308,6 +311,7 @@ fn up_options(command: &Command) -> Option<podvisor::cluster::up::UpOptions> {
         nodes: *nodes as usize,
         node_lease_duration: std::time::Duration::from_secs(*node_lease_duration_seconds),
         service_cidr: *service_cidr,
+        cluster_dns: None,
     })
 }
 
@@ -325,6 +329,7 @@ fn join_options(command: &Command) -> Option<podvisor::cluster::up::UpOptions> {
         container_log_max_files,
         container_log_monitor_interval,
         node_lease_duration_seconds,
+        cluster_dns,
         runtime_endpoint,
         listen,
         root,
@@ -374,6 +379,7 @@ fn join_options(command: &Command) -> Option<podvisor::cluster::up::UpOptions> {
         service_cidr: podvisor::cluster::apiserver::DEFAULT_SERVICE_CIDR
             .parse()
             .expect("a CIDR"),
+        cluster_dns: cluster_dns.map(|ip| ip.to_string()),
     })
 }
 

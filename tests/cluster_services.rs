@@ -171,6 +171,40 @@ fn services_spread_connections_over_ready_endpoints() {
     });
     assert!(out.contains("web-"), "{out}");
 
+    // Cluster DNS from the pod: the Service's name (full, and through the search path)
+    // gives its ClusterIP; unknown cluster names do not resolve.
+    let dns_ip = podvisor::cluster::dns::service_ip(&net).to_string();
+    let resolv = c.ok(&["exec", "client", "--", "cat", "/etc/resolv.conf"]);
+    assert!(
+        resolv.contains(&format!("nameserver {dns_ip}")) && resolv.contains("default.svc.cluster.local"),
+        "{resolv}"
+    );
+    // (busybox's nslookup tries every search domain and fails if any does: only its answer counts.)
+    for name in ["web.default.svc.cluster.local", "web"] {
+        let deadline = Instant::now() + WAIT;
+        loop {
+            let out = c.kubectl(&["exec", "client", "--", "busybox", "nslookup", name]);
+            let text = String::from_utf8_lossy(&out.stdout).into_owned();
+            if text.contains(&format!("Address: {cluster_ip}")) {
+                break;
+            }
+            assert!(Instant::now() < deadline, "{name}: {text}");
+            std::thread::sleep(Duration::from_millis(300));
+        }
+    }
+    let out = c.kubectl(&[
+        "exec",
+        "client",
+        "--",
+        "busybox",
+        "nslookup",
+        "nothere.default.svc.cluster.local",
+    ]);
+    assert!(
+        !String::from_utf8_lossy(&out.stdout).contains("Address: 10."),
+        "{out:?}"
+    );
+
     // The NodePort on the node's address.
     let node_port = c.ok(&["get", "svc", "web", "-o", "jsonpath={.spec.ports[0].nodePort}"]);
     let node_ip = podvisor::cluster::agent::primary_ipv4();

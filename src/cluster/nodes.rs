@@ -134,6 +134,12 @@ impl LocalNodes {
                 .arg(&options.pod_log_dir)
                 .arg("--node-lease-duration-seconds")
                 .arg(options.node_lease_duration.as_secs().to_string())
+                .args(
+                    options
+                        .cluster_dns
+                        .iter()
+                        .flat_map(|ip| ["--cluster-dns".to_string(), ip.clone()]),
+                )
                 .arg("--container-log-max-size")
                 .arg(options.log_rotation.max_size.to_string())
                 .arg("--container-log-max-files")

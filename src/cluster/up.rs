@@ -61,6 +61,8 @@ pub struct UpOptions {
     pub node_lease_duration: Duration,
     /// Where Services' ClusterIPs come from.
     pub service_cidr: ipnet::Ipv4Net,
+    /// The cluster DNS address pods get (for a joined node: the cluster's; `up` uses its own).
+    pub cluster_dns: Option<String>,
 }
 
 /// How a joining node reaches and trusts the cluster.
@@ -193,7 +195,7 @@ impl Components {
                     state_dir: options.data_dir.join("agent"),
                     pod_log_dir: options.pod_log_dir.clone(),
                     storage_dir: options.daemon.root.clone(),
-                    cluster_dns: None,
+                    cluster_dns: options.cluster_dns.clone(),
                     cluster_domain: "cluster.local".into(),
                     api_port: Some(endpoint.addr.port()),
                     log_rotation: options.log_rotation.clone(),
@@ -223,7 +225,7 @@ impl Components {
 }
 
 /// Runs the cluster (or, with `join`, one more node of another) in this process until `shutdown`.
-pub async fn run_foreground(options: UpOptions, shutdown: impl Future<Output = ()> + Send) -> anyhow::Result<()> {
+pub async fn run_foreground(mut options: UpOptions, shutdown: impl Future<Output = ()> + Send) -> anyhow::Result<()> {
     let started = Instant::now();
     crate::sys::fs::ensure_dir(&options.data_dir, 0o700)
         .with_context(|| format!("creating {}", options.data_dir.display()))?;
@@ -250,6 +252,7 @@ pub async fn run_foreground(options: UpOptions, shutdown: impl Future<Output = (
 
     let mut api = None;
     let mut local_nodes = None;
+    let mut dns = None;
     let (client, agent_server) = match &options.join {
         Some(target) => {
             let client = target.client().await?;
@@ -288,6 +291,11 @@ pub async fn run_foreground(options: UpOptions, shutdown: impl Future<Output = (
             write_kubeconfig(&options.kubeconfig, &server.kubeconfig())?;
             write_join_command(&options, &server)?;
             let client = Client::new(&server.url, &server.ca_pem, &server.token)?;
+            if !options.control_plane_only {
+                let (dns_service, task) = start_dns(&client, options.service_cidr).await?;
+                options.cluster_dns = Some(dns_service.to_string());
+                dns = Some(task);
+            }
             if options.nodes > 1 {
                 local_nodes = Some(super::nodes::LocalNodes::start(&options)?);
             }
@@ -322,6 +330,9 @@ pub async fn run_foreground(options: UpOptions, shutdown: impl Future<Output = (
         components.remove_pods().await;
     }
     components.stop();
+    if let Some(dns) = dns {
+        dns.abort();
+    }
     if let Some(proxy) = proxy {
         proxy.abort();
         crate::cluster::proxy::remove_table(&proxy_table).await;
@@ -396,6 +407,48 @@ async fn wait_for_socket(
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
     Ok(())
+}
+
+/// The cluster DNS on this machine's address, and the `kube-dns` Service (the
+/// range's tenth address) with an EndpointSlice leading there; returns the
+/// Service's address, what pods get as their nameserver.
+async fn start_dns(
+    client: &Client,
+    service_cidr: ipnet::Ipv4Net,
+) -> anyhow::Result<(std::net::Ipv4Addr, tokio::task::JoinHandle<()>)> {
+    use k8s_openapi::api::core::v1::Service;
+    use k8s_openapi::api::discovery::v1::EndpointSlice;
+    let node_ip = crate::cluster::agent::primary_ipv4();
+    let (bound, task) =
+        crate::cluster::dns::spawn(client.clone(), SocketAddr::from((node_ip, 0)), "cluster.local".into())
+            .await
+            .context("starting the cluster DNS")?;
+    let service_ip = crate::cluster::dns::service_ip(&service_cidr);
+    let service: Service = serde_json::from_value(serde_json::json!({
+        "metadata": {"name": "kube-dns", "namespace": "kube-system", "labels": {"k8s-app": "kube-dns"}},
+        "spec": {"clusterIP": service_ip.to_string(), "ports": [{"name": "dns", "port": 53, "protocol": "UDP"}]},
+    }))?;
+    match client.create(Some("kube-system"), &service).await {
+        Ok(_) => {}
+        Err(e) if e.is_conflict() => {}
+        Err(e) => return Err(anyhow::anyhow!("creating the kube-dns Service: {e}")),
+    }
+    let mut slice: EndpointSlice = serde_json::from_value(serde_json::json!({
+        "metadata": {"name": "kube-dns", "namespace": "kube-system",
+                     "labels": {crate::cluster::controllers::endpoints::SERVICE_NAME_LABEL: "kube-dns"}},
+        "addressType": "IPv4",
+        "endpoints": [{"addresses": [node_ip.to_string()], "conditions": {"ready": true}}],
+        "ports": [{"name": "dns", "port": bound.port(), "protocol": "UDP"}],
+    }))?;
+    match client.get_opt::<EndpointSlice>(Some("kube-system"), "kube-dns").await? {
+        Some(current) => {
+            slice.metadata.resource_version = current.metadata.resource_version;
+            client.replace(Some("kube-system"), "kube-dns", &slice).await?;
+        }
+        None => _ = client.create(Some("kube-system"), &slice).await?,
+    }
+    tracing::info!(service = %service_ip, listen = %bound, "cluster DNS");
+    Ok((service_ip, task))
 }
 
 /// `<data-dir>/join-command`: the line that joins another machine to this cluster (printed by `up`).
