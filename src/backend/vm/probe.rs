@@ -118,12 +118,13 @@ impl Hypervisor {
         Ok(choice)
     }
 
-    /// The choice, if made already.
+    /// The choice, if made already. Never waits for a probe under way (it takes seconds).
     pub fn cached(&self) -> Option<HypervisorChoice> {
-        self.choice
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
-            .clone()
+        match self.choice.try_lock() {
+            Ok(slot) => slot.clone(),
+            Err(std::sync::TryLockError::Poisoned(poisoned)) => poisoned.into_inner().clone(),
+            Err(std::sync::TryLockError::WouldBlock) => None,
+        }
     }
 }
 

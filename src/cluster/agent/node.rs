@@ -18,6 +18,8 @@ use crate::cluster::client::ClientError;
 use crate::cluster::events::{EventType, now};
 
 const LEASE_NAMESPACE: &str = "kube-node-lease";
+/// How often readiness is checked while the runtime is not ready.
+const NOT_READY_CHECK: Duration = Duration::from_millis(100);
 /// How often runtime readiness is checked between heartbeats.
 const READINESS_CHECK: Duration = Duration::from_secs(2);
 
@@ -61,16 +63,12 @@ pub async fn run(ctx: Arc<Context>) {
     // The Lease is renewed and the status posted every quarter of the lease duration, as kubelet does.
     let heartbeat = (beat.ctx.options.lease_duration / 4).max(Duration::from_millis(200));
     let mut last_post = Instant::now() - heartbeat;
-    // While the runtime is not ready (e.g. its network still starting), look again soon.
-    let mut not_ready_wait = Duration::from_millis(50);
     loop {
         let readiness = beat.readiness().await;
-        let wait = if readiness.ready {
-            not_ready_wait = Duration::from_millis(50);
-            READINESS_CHECK.min(heartbeat)
-        } else {
-            not_ready_wait = (not_ready_wait * 2).min(READINESS_CHECK);
-            not_ready_wait.min(heartbeat)
+        // While the runtime is not ready (e.g. its network still starting), look again soon.
+        let wait = match readiness.ready {
+            true => READINESS_CHECK.min(heartbeat),
+            false => NOT_READY_CHECK.min(heartbeat),
         };
         let changed = beat.readiness.as_ref() != Some(&readiness);
         if changed {
