@@ -877,6 +877,11 @@ async fn a_pull_whose_caller_gives_up_still_completes_and_leaves_no_work_behind(
         daemon.entries("tmp").is_empty()
     })
     .await;
+    // The image's files land before its record: wait for the record, not just the files.
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while status(&daemon, &name).await.is_none() && std::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
     assert_eq!(status(&daemon, &name).await.map(|i| i.id), Some(image.config_digest()));
 }
 
