@@ -62,7 +62,12 @@ fn transient(e: &etcd_client::Error) -> bool {
         etcd_client::Error::TransportError(_) | etcd_client::Error::IoError(_) => true,
         etcd_client::Error::GRpcStatus(s) => matches!(
             s.code(),
-            Code::Unavailable | Code::DeadlineExceeded | Code::Unknown | Code::Aborted | Code::Internal
+            Code::Unavailable
+                | Code::DeadlineExceeded
+                | Code::Unknown
+                | Code::Aborted
+                | Code::Internal
+                | Code::Cancelled
         ),
         _ => false,
     }
@@ -157,9 +162,18 @@ impl EtcdStore {
         })
     }
 
-    /// A guarded single-key write: `ops` run if the key exists (or, for create, does not) and its mod_revision
-    /// matches `expected`; otherwise the key is read to tell NotFound/AlreadyExists/Conflict apart.
-    async fn guarded(&self, key: &Key, create: bool, expected: Option<Rv>, op: TxnOp) -> Result<(Rv, Vec<KeyValue>)> {
+    /// A guarded single-key write: `op` runs if the key exists (or, for create, does not) and its mod_revision
+    /// matches `expected`; otherwise the key is read to tell NotFound/AlreadyExists/Conflict apart. `written` is
+    /// what a put stores: when an attempt failed ambiguously (the connection broke) and the retry finds exactly
+    /// that value, the first attempt took effect.
+    async fn guarded(
+        &self,
+        key: &Key,
+        create: bool,
+        expected: Option<Rv>,
+        op: TxnOp,
+        written: Option<&[u8]>,
+    ) -> Result<(Rv, Vec<KeyValue>)> {
         let k = self.etcd_key(key);
         let mut when = vec![Compare::create_revision(
             k.clone(),
@@ -173,8 +187,10 @@ impl EtcdStore {
             .when(when)
             .and_then(vec![op])
             .or_else(vec![TxnOp::get(k.clone(), None)]);
+        let mut attempts = 0;
         let resp = self
             .call(|mut kv| {
+                attempts += 1;
                 let txn = txn.clone();
                 async move { kv.txn(txn).await }
             })
@@ -193,6 +209,12 @@ impl EtcdStore {
             Some(TxnOpResponse::Get(mut g)) => g.take_kvs().into_iter().next(),
             _ => None,
         };
+        if let (true, Some(kv), Some(bytes)) = (attempts > 1, &current, written)
+            && kv.value() == bytes
+            && (!create || kv.create_revision() == kv.mod_revision())
+        {
+            return Ok((kv.mod_revision() as Rv, Vec::new()));
+        }
         Err(match (create, current) {
             (true, _) => StoreError::AlreadyExists,
             (false, None) => StoreError::NotFound,
@@ -205,7 +227,13 @@ impl EtcdStore {
     async fn put(&self, key: &Key, mut value: Value, create: bool, expected: Option<Rv>) -> Result<Object> {
         let bytes = serde_json::to_vec(&value).map_err(backend)?;
         let (rv, _) = self
-            .guarded(key, create, expected, TxnOp::put(self.etcd_key(key), bytes, None))
+            .guarded(
+                key,
+                create,
+                expected,
+                TxnOp::put(self.etcd_key(key), bytes.clone(), None),
+                Some(&bytes),
+            )
             .await?;
         stamp(&mut value, rv);
         Ok(Object {
@@ -263,7 +291,7 @@ impl Store for EtcdStore {
 
     async fn delete(&self, key: &Key, expected: Option<Rv>) -> Result<Object> {
         let op = TxnOp::delete(self.etcd_key(key), Some(DeleteOptions::new().with_prev_key()));
-        let (rv, prev) = self.guarded(key, false, expected, op).await?;
+        let (rv, prev) = self.guarded(key, false, expected, op, None).await?;
         let prev = prev.first().ok_or(StoreError::NotFound)?;
         let mut last = self.object(key, prev)?;
         stamp(&mut last.value, rv);
