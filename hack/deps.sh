@@ -21,6 +21,8 @@ packages=(
   linux-image-cloud-amd64  # VM tests: the test VMs' kernel
   syslinux syslinux-common mtools dosfstools  # VM tests: the bootable containerDisk
   xorriso             # VM pods: the cloud-init seed ISO
+  protobuf-compiler   # build: etcd-client compiles etcd's protos with protoc
+  etcd-server         # tests: real etcd members for the etcd store backend
 )
 
 missing=()

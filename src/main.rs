@@ -120,6 +120,13 @@ enum Command {
         /// CRI daemon and pod network (see README).
         #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u64).range(1..=16))]
         nodes: u64,
+        /// Keep the cluster's objects in etcd (etcd://HOST:PORT[,HOST:PORT...], every member of an etcd cluster)
+        /// instead of the embedded store under --data-dir.
+        #[arg(long, value_parser = store_url)]
+        store: Option<String>,
+        /// Key prefix of this cluster's objects in etcd.
+        #[arg(long, default_value = podvisor::cluster::store::etcd_store::DEFAULT_PREFIX, requires = "store")]
+        store_prefix: String,
         /// Stay in the foreground instead of returning once the cluster is up.
         #[arg(long)]
         foreground: bool,
@@ -250,6 +257,10 @@ fn exit_with(result: anyhow::Result<()>) -> std::process::ExitCode {
     }
 }
 
+fn store_url(url: &str) -> Result<String, String> {
+    podvisor::cluster::store::etcd_store::parse_url(url).map(|_| url.to_string())
+}
+
 fn up_options(command: &Command) -> Option<podvisor::cluster::up::UpOptions> {
     let Command::Up {
         data_dir,
@@ -273,6 +284,8 @@ fn up_options(command: &Command) -> Option<podvisor::cluster::up::UpOptions> {
         nodes,
         node_lease_duration_seconds,
         service_cidr,
+        store,
+        store_prefix,
         ..
     } = command
     else {
@@ -312,6 +325,13 @@ fn up_options(command: &Command) -> Option<podvisor::cluster::up::UpOptions> {
         node_lease_duration: std::time::Duration::from_secs(*node_lease_duration_seconds),
         service_cidr: *service_cidr,
         cluster_dns: None,
+        store: match store {
+            Some(url) => podvisor::cluster::up::StoreLocation::Etcd {
+                endpoints: podvisor::cluster::store::etcd_store::parse_url(url).expect("checked by clap"),
+                prefix: store_prefix.clone(),
+            },
+            None => podvisor::cluster::up::StoreLocation::Embedded,
+        },
     })
 }
 
@@ -380,6 +400,7 @@ fn join_options(command: &Command) -> Option<podvisor::cluster::up::UpOptions> {
             .parse()
             .expect("a CIDR"),
         cluster_dns: cluster_dns.map(|ip| ip.to_string()),
+        store: Default::default(),
     })
 }
 

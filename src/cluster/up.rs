@@ -17,6 +17,7 @@ use crate::cluster::agent::server::{self as agent_server, AgentServerConfig};
 use crate::cluster::agent::{Agent, AgentOptions};
 use crate::cluster::apiserver::{ApiServer, Config as ApiConfig, KubeletProxy, tls};
 use crate::cluster::client::Client;
+use crate::cluster::store::EtcdStore;
 use crate::daemon::DaemonOptions;
 
 pub const DEFAULT_DATA_DIR: &str = "/var/lib/podvisor/cluster";
@@ -63,6 +64,18 @@ pub struct UpOptions {
     pub service_cidr: ipnet::Ipv4Net,
     /// The cluster DNS address pods get (for a joined node: the cluster's; `up` uses its own).
     pub cluster_dns: Option<String>,
+    /// Where the API server keeps the cluster's objects.
+    pub store: StoreLocation,
+}
+
+/// The object store behind the API server.
+#[derive(Clone, Debug, Default)]
+pub enum StoreLocation {
+    /// redb under the data directory.
+    #[default]
+    Embedded,
+    /// An etcd v3 cluster; objects live under `prefix`, so several clusters can share one etcd.
+    Etcd { endpoints: Vec<String>, prefix: String },
 }
 
 /// How a joining node reaches and trusts the cluster.
@@ -285,9 +298,15 @@ pub async fn run_foreground(mut options: UpOptions, shutdown: impl Future<Output
                 proxy = proxy.with_local_node(&options.node_name, endpoint.addr);
             }
             api_config.hooks.node_proxy = Some(Arc::new(proxy));
-            let server = ApiServer::start(api_config)
-                .await
-                .with_context(|| format!("starting the API server on {}", options.api_address))?;
+            let server = match &options.store {
+                StoreLocation::Embedded => ApiServer::start(api_config).await,
+                StoreLocation::Etcd { endpoints, prefix } => {
+                    let store = EtcdStore::connect(endpoints, prefix).await?;
+                    tracing::info!(endpoints = %endpoints.join(","), %prefix, "object store on etcd");
+                    ApiServer::start_with_store(api_config, Arc::new(store)).await
+                }
+            }
+            .with_context(|| format!("starting the API server on {}", options.api_address))?;
             write_kubeconfig(&options.kubeconfig, &server.kubeconfig())?;
             write_join_command(&options, &server)?;
             let client = Client::new(&server.url, &server.ca_pem, &server.token)?;

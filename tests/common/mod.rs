@@ -5,6 +5,7 @@
 pub mod cluster;
 pub mod cri;
 pub mod daemon;
+pub mod etcd;
 pub mod oci;
 pub mod proxy;
 pub mod push;

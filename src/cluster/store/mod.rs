@@ -4,6 +4,7 @@
 //! into every value it returns. Watchers get events from a bounded in-memory window; a watch from a version older
 //! than the window fails with [`StoreError::Gone`], so clients relist (the Kubernetes 410 semantics).
 
+pub mod etcd_store;
 mod hub;
 pub mod memory;
 pub mod redb_store;
@@ -15,6 +16,7 @@ use std::time::Duration;
 use futures_util::Stream;
 use serde_json::Value;
 
+pub use etcd_store::EtcdStore;
 pub use memory::MemoryStore;
 pub use redb_store::RedbStore;
 
