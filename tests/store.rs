@@ -12,6 +12,9 @@ use std::time::Duration;
 
 use common::cluster::Cluster;
 use common::etcd::Etcd;
+use common::oci::{Flavour, TestImage};
+use common::push::push_image;
+use common::registry::Registry;
 use futures_util::StreamExt;
 use podvisor::cluster::store::{
     EtcdStore, Event, EventType, Key, RedbStore, Rv, Scope, Store, StoreError, WatchOptions, WatchStream,
@@ -392,4 +395,75 @@ fn up_with_unreachable_etcd_fails_naming_the_endpoints() {
         )),
         "{stderr}"
     );
+}
+
+#[test]
+fn up_on_three_etcd_members_keeps_working_without_one() {
+    let mut etcd = Etcd::cluster(3);
+    let registry = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap()
+        .block_on(async {
+            let registry = Registry::start().await;
+            let image = TestImage::busybox();
+            push_image(&registry.url(), "test/busybox", "latest", &image, Flavour::Oci).await;
+            registry
+        });
+    let store_url = etcd.store_url();
+    let store_prefix = prefix();
+    let c = Cluster::start_with(&["--store", &store_url, "--store-prefix", &store_prefix], "");
+    let image = format!("{}/test/busybox:latest", registry.host());
+    c.ok(&[
+        "create",
+        "deployment",
+        "sleeper",
+        "--image",
+        &image,
+        "--replicas",
+        "2",
+        "--",
+        "sleep",
+        "3600",
+    ]);
+    let ready = |c: &Cluster| {
+        c.wait_output(
+            &["get", "deployment", "sleeper", "-o", "jsonpath={.status.readyReplicas}"],
+            Duration::from_secs(90),
+            |out| out == "2",
+        );
+    };
+    ready(&c);
+    // The member the API server happens to talk to may be this one; the others keep quorum.
+    etcd.kill(0);
+    c.ok(&["create", "configmap", "after-loss", "--from-literal=k=v"]);
+    let victim = c.ok(&[
+        "get",
+        "pods",
+        "-l",
+        "app=sleeper",
+        "-o",
+        "jsonpath={.items[0].metadata.name}",
+    ]);
+    c.ok(&["delete", "pod", &victim, "--wait=false"]);
+    // The controllers' watches carry on: the deleted replica is replaced.
+    let names = c.wait_output(
+        &[
+            "get",
+            "pods",
+            "-l",
+            "app=sleeper",
+            "-o",
+            "jsonpath={range .items[?(@.status.phase=='Running')]}{.metadata.name} {end}",
+        ],
+        Duration::from_secs(90),
+        |out| out.split_whitespace().count() == 2 && !out.contains(victim.as_str()),
+    );
+    assert!(!names.contains(&victim), "{names}");
+    ready(&c);
+    assert_eq!(
+        c.ok(&["get", "configmap", "after-loss", "-o", "jsonpath={.data.k}"]),
+        "v"
+    );
+    c.ok(&["delete", "deployment", "sleeper"]);
 }
