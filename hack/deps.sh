@@ -23,6 +23,7 @@ packages=(
   xorriso             # VM pods: the cloud-init seed ISO
   protobuf-compiler   # build: etcd-client compiles etcd's protos with protoc
   etcd-server         # tests: real etcd members for the etcd store backend
+  bind9-dnsutils      # tests: dig asks the cluster DNS over UDP and TCP
 )
 
 missing=()

@@ -54,6 +54,14 @@ spec:
 ---
 apiVersion: v1
 kind: Service
+metadata: {{name: web-pods}}
+spec:
+  clusterIP: None
+  selector: {{app: web}}
+  ports: [{{name: http, port: 8080}}]
+---
+apiVersion: v1
+kind: Service
 metadata: {{name: nobody}}
 spec:
   selector: {{app: nobody}}
@@ -204,6 +212,84 @@ fn services_spread_connections_over_ready_endpoints() {
         !String::from_utf8_lossy(&out.stdout).contains("Address: 10."),
         "{out:?}"
     );
+
+    // SRV for named ports, from a pod.
+    let out = c.ok(&[
+        "exec",
+        "client",
+        "--",
+        "busybox",
+        "nslookup",
+        "-type=srv",
+        "_http._tcp.web.default.svc.cluster.local",
+    ]);
+    assert!(out.contains("0 100 80 web.default.svc.cluster.local"), "{out}");
+
+    // From the host through the kube-dns Service, over UDP and TCP: A, SRV, headless Services' pods.
+    let dig = |args: &[&str]| {
+        let out = std::process::Command::new("dig")
+            .args(["+short", "+time=3", "+tries=2", &format!("@{dns_ip}")])
+            .args(args)
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "dig {args:?}: {out:?}");
+        let mut lines: Vec<String> = String::from_utf8_lossy(&out.stdout).lines().map(String::from).collect();
+        lines.sort();
+        lines
+    };
+    assert_eq!(dig(&["web.default.svc.cluster.local"]), [cluster_ip.as_str()]);
+    assert_eq!(dig(&["+tcp", "web.default.svc.cluster.local"]), [cluster_ip.as_str()]);
+    assert_eq!(
+        dig(&["+tcp", "SRV", "_http._tcp.web.default.svc.cluster.local"]),
+        ["0 100 80 web.default.svc.cluster.local."]
+    );
+    let pod_ips = c.ok(&[
+        "get",
+        "pods",
+        "-l",
+        "app=web",
+        "-o",
+        "jsonpath={.items[*].status.podIP}",
+    ]);
+    let mut pod_ips: Vec<String> = pod_ips.split_whitespace().map(String::from).collect();
+    pod_ips.sort();
+    assert_eq!(dig(&["web-pods.default.svc.cluster.local"]), pod_ips);
+    let srv = dig(&["SRV", "_http._tcp.web-pods.default.svc.cluster.local"]);
+    let mut expected: Vec<String> = pod_ips
+        .iter()
+        .map(|ip| {
+            format!(
+                "0 100 8080 {}.web-pods.default.svc.cluster.local.",
+                ip.replace('.', "-")
+            )
+        })
+        .collect();
+    expected.sort();
+    assert_eq!(srv, expected);
+    let first = pod_ips[0].replace('.', "-");
+    assert_eq!(
+        dig(&[&format!("{first}.web-pods.default.svc.cluster.local")]),
+        [pod_ips[0].clone()]
+    );
+    assert_eq!(
+        dig(&[&format!("{first}.default.pod.cluster.local")]),
+        [pod_ips[0].clone()]
+    );
+    let status = |args: &[&str]| {
+        let out = std::process::Command::new("dig")
+            .args(["+time=3", "+tries=2", &format!("@{dns_ip}")])
+            .args(args)
+            .output()
+            .unwrap();
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        text.split("status: ")
+            .nth(1)
+            .and_then(|s| s.split(',').next())
+            .unwrap_or(&text)
+            .to_string()
+    };
+    assert_eq!(status(&["nothere.default.svc.cluster.local"]), "NXDOMAIN");
+    assert_eq!(status(&["AAAA", "web.default.svc.cluster.local"]), "NOERROR");
 
     // The NodePort on the node's address.
     let node_port = c.ok(&["get", "svc", "web", "-o", "jsonpath={.spec.ports[0].nodePort}"]);

@@ -66,9 +66,22 @@ impl Env {
             Flavour::Oci,
         )
         .await;
-        let kubelet_port = common::free_port();
-        let port = kubelet_port.to_string();
-        let c = Cluster::start_with(&["--node-name", AGENT_NODE, "--kubelet-port", &port], "");
+        // The agent takes a free port itself (a port picked here could be taken by another test meanwhile).
+        let c = Cluster::start_with(&["--node-name", AGENT_NODE], "");
+        let kubelet_port: u16 = c
+            .wait_output(
+                &[
+                    "get",
+                    "node",
+                    AGENT_NODE,
+                    "-o",
+                    "jsonpath={.status.daemonEndpoints.kubeletEndpoint.Port}",
+                ],
+                Duration::from_secs(30),
+                |out| out.parse::<u16>().is_ok_and(|p| p > 0),
+            )
+            .parse()
+            .unwrap();
         let node = c.file(
             "testnode.yaml",
             &format!("apiVersion: v1\nkind: Node\nmetadata:\n  name: {NODE}\n"),

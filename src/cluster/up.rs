@@ -445,11 +445,26 @@ async fn start_dns(
     let service_ip = crate::cluster::dns::service_ip(&service_cidr);
     let service: Service = serde_json::from_value(serde_json::json!({
         "metadata": {"name": "kube-dns", "namespace": "kube-system", "labels": {"k8s-app": "kube-dns"}},
-        "spec": {"clusterIP": service_ip.to_string(), "ports": [{"name": "dns", "port": 53, "protocol": "UDP"}]},
+        "spec": {"clusterIP": service_ip.to_string(), "ports": [{"name": "dns", "port": 53, "protocol": "UDP"},
+                            {"name": "dns-tcp", "port": 53, "protocol": "TCP"}]},
     }))?;
     match client.create(Some("kube-system"), &service).await {
         Ok(_) => {}
-        Err(e) if e.is_conflict() => {}
+        // Kept from an earlier run: its ports brought up to date.
+        Err(e) if e.is_conflict() => {
+            let mut current: Service = client.get(Some("kube-system"), "kube-dns").await?;
+            let ports = service.spec.as_ref().and_then(|s| s.ports.clone());
+            let outline = |ports: &Option<Vec<k8s_openapi::api::core::v1::ServicePort>>| {
+                let ports = ports.iter().flatten();
+                ports
+                    .map(|p| (p.name.clone(), p.port, p.protocol.clone()))
+                    .collect::<Vec<_>>()
+            };
+            if let Some(spec) = current.spec.as_mut().filter(|s| outline(&s.ports) != outline(&ports)) {
+                spec.ports = ports;
+                client.replace(Some("kube-system"), "kube-dns", &current).await?;
+            }
+        }
         Err(e) => return Err(anyhow::anyhow!("creating the kube-dns Service: {e}")),
     }
     let mut slice: EndpointSlice = serde_json::from_value(serde_json::json!({
@@ -457,7 +472,8 @@ async fn start_dns(
                      "labels": {crate::cluster::controllers::endpoints::SERVICE_NAME_LABEL: "kube-dns"}},
         "addressType": "IPv4",
         "endpoints": [{"addresses": [node_ip.to_string()], "conditions": {"ready": true}}],
-        "ports": [{"name": "dns", "port": bound.port(), "protocol": "UDP"}],
+        "ports": [{"name": "dns", "port": bound.port(), "protocol": "UDP"},
+                  {"name": "dns-tcp", "port": bound.port(), "protocol": "TCP"}],
     }))?;
     match client.get_opt::<EndpointSlice>(Some("kube-system"), "kube-dns").await? {
         Some(current) => {
