@@ -166,9 +166,12 @@ enum Command {
         /// The node Lease's duration in seconds; the agent renews it every quarter of that.
         #[arg(long, default_value_t = 40, value_parser = clap::value_parser!(u64).range(1..))]
         node_lease_duration_seconds: u64,
-        /// The cluster DNS address for pods (the `kube-dns` Service's).
+        /// The cluster DNS address for pods [default: the `kube-dns` Service's].
         #[arg(long)]
         cluster_dns: Option<std::net::Ipv4Addr>,
+        /// Leave Services to the proxy already serving this machine's network (another node here).
+        #[arg(long)]
+        no_service_proxy: bool,
         /// Use this CRI runtime instead of starting podvisor's own daemon.
         #[arg(long)]
         runtime_endpoint: Option<String>,
@@ -325,6 +328,7 @@ fn up_options(command: &Command) -> Option<podvisor::cluster::up::UpOptions> {
         node_lease_duration: std::time::Duration::from_secs(*node_lease_duration_seconds),
         service_cidr: *service_cidr,
         cluster_dns: None,
+        service_proxy: !control_plane_only,
         store: match store {
             Some(url) => podvisor::cluster::up::StoreLocation::Etcd {
                 endpoints: podvisor::cluster::store::etcd_store::parse_url(url).expect("checked by clap"),
@@ -350,6 +354,7 @@ fn join_options(command: &Command) -> Option<podvisor::cluster::up::UpOptions> {
         container_log_monitor_interval,
         node_lease_duration_seconds,
         cluster_dns,
+        no_service_proxy,
         runtime_endpoint,
         listen,
         root,
@@ -400,6 +405,7 @@ fn join_options(command: &Command) -> Option<podvisor::cluster::up::UpOptions> {
             .parse()
             .expect("a CIDR"),
         cluster_dns: cluster_dns.map(|ip| ip.to_string()),
+        service_proxy: !no_service_proxy,
         store: Default::default(),
     })
 }

@@ -261,20 +261,59 @@ fn join_with_a_token_checks_the_ca_hash() {
     let stderr = String::from_utf8_lossy(&refused.stderr);
     assert!(stderr.contains("refusing to join"), "{stderr}");
 
-    struct Kill(std::process::Child, String, String);
+    let table = podvisor::cluster::proxy::table_name(&dir.path().join("node"));
+    struct Kill(std::process::Child, String, String, String);
     impl Drop for Kill {
         fn drop(&mut self) {
             let _ = self.0.kill();
             let _ = self.0.wait();
             common::daemon::remove_test_network(&self.1, &self.2);
+            let _ = std::process::Command::new("nft")
+                .args(["delete", "table", "ip", &self.3])
+                .output();
         }
     }
     let mut joining = join(&hash);
     let log = std::fs::File::create(dir.path().join("join.log")).unwrap();
     joining.stdout(log.try_clone().unwrap()).stderr(log);
-    let _joined = Kill(joining.spawn().unwrap(), bridge, nat);
+    let mut joined = Kill(joining.spawn().unwrap(), bridge, nat, table.clone());
     let ready = "jsonpath={.status.conditions[?(@.type==\"Ready\")].status}";
     c.wait_output(&["get", "node", "joiner", "-o", ready], WAIT, |s| s == "True");
+
+    // The joined machine runs a service proxy of its own: the cluster's Services are programmed there.
+    let dns_ip = c.ok(&[
+        "get",
+        "svc",
+        "-n",
+        "kube-system",
+        "kube-dns",
+        "-o",
+        "jsonpath={.spec.clusterIP}",
+    ]);
+    let nft_table = || {
+        let out = std::process::Command::new("nft")
+            .args(["list", "table", "ip", &table])
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let deadline = Instant::now() + WAIT;
+    while !nft_table().contains(&dns_ip) {
+        assert!(
+            Instant::now() < deadline,
+            "{dns_ip} not in {table}: {}",
+            std::fs::read_to_string(dir.path().join("join.log")).unwrap_or_default()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    // It goes with the node (stopped as a service manager would).
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(joined.0.id() as i32),
+        nix::sys::signal::Signal::SIGTERM,
+    )
+    .unwrap();
+    let _ = joined.0.wait();
+    assert!(nft_table().is_empty(), "{table} left behind");
 }
 
 /// A node on another machine (faked: a Node whose InternalIP sits on a spare

@@ -291,6 +291,27 @@ fn services_spread_connections_over_ready_endpoints() {
     assert_eq!(status(&["nothere.default.svc.cluster.local"]), "NXDOMAIN");
     assert_eq!(status(&["AAAA", "web.default.svc.cluster.local"]), "NOERROR");
 
+    // The `kubernetes` Service leads to the API server.
+    let api = c.ok(&["get", "svc", "kubernetes", "-o", "jsonpath={.spec.clusterIP}"]);
+    let endpoints = c.ok(&[
+        "get",
+        "endpoints",
+        "kubernetes",
+        "-o",
+        "jsonpath={.subsets[0].ports[0].port}",
+    ]);
+    assert_eq!(endpoints, c.url.rsplit(':').next().unwrap().trim_end_matches('/'));
+    let version = c.ok(&[
+        "--server",
+        &format!("https://{api}:443"),
+        "--tls-server-name",
+        "kubernetes",
+        "get",
+        "--raw",
+        "/version",
+    ]);
+    assert!(version.contains("gitVersion"), "{version}");
+
     // The NodePort on the node's address.
     let node_port = c.ok(&["get", "svc", "web", "-o", "jsonpath={.spec.ports[0].nodePort}"]);
     let node_ip = podvisor::cluster::agent::primary_ipv4();

@@ -140,6 +140,7 @@ impl LocalNodes {
                         .iter()
                         .flat_map(|ip| ["--cluster-dns".to_string(), ip.clone()]),
                 )
+                .arg("--no-service-proxy")
                 .arg("--container-log-max-size")
                 .arg(options.log_rotation.max_size.to_string())
                 .arg("--container-log-max-files")

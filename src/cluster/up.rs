@@ -66,6 +66,8 @@ pub struct UpOptions {
     pub cluster_dns: Option<String>,
     /// Where the API server keeps the cluster's objects.
     pub store: StoreLocation,
+    /// Run the service proxy (one per network namespace).
+    pub service_proxy: bool,
 }
 
 /// The object store behind the API server.
@@ -310,6 +312,13 @@ pub async fn run_foreground(mut options: UpOptions, shutdown: impl Future<Output
             write_kubeconfig(&options.kubeconfig, &server.kubeconfig())?;
             write_join_command(&options, &server)?;
             let client = Client::new(&server.url, &server.ca_pem, &server.token)?;
+            // The `kubernetes` Service leads to this API server.
+            let api_ip = match server.addr.ip() {
+                std::net::IpAddr::V4(ip) if !ip.is_unspecified() => ip,
+                _ => crate::cluster::agent::primary_ipv4(),
+            };
+            let api_port = [("https", server.addr.port(), "TCP")];
+            publish_endpoints(&client, "default", "kubernetes", api_ip, &api_port).await?;
             if !options.control_plane_only {
                 let (dns_service, task) = start_dns(&client, options.service_cidr).await?;
                 options.cluster_dns = Some(dns_service.to_string());
@@ -322,10 +331,20 @@ pub async fn run_foreground(mut options: UpOptions, shutdown: impl Future<Output
             (client, agent_server)
         }
     };
+    if options.join.is_some() && options.cluster_dns.is_none() {
+        // The cluster's DNS, as `up` published it.
+        let service = client
+            .get_opt::<k8s_openapi::api::core::v1::Service>(Some("kube-system"), "kube-dns")
+            .await?;
+        options.cluster_dns = service
+            .and_then(|s| s.spec?.cluster_ip)
+            .filter(|ip| ip.parse::<std::net::Ipv4Addr>().is_ok());
+    }
     let components = Components::start(&client, &options, agent_server.as_ref().map(|(e, _)| e));
-    // One service proxy per machine: the extra local nodes share this one's network namespace.
+    // One service proxy per network namespace: extra local nodes go without (`join --no-service-proxy`).
     let proxy_table = crate::cluster::proxy::table_name(&options.data_dir);
-    let proxy = (options.join.is_none() && !options.control_plane_only)
+    let proxy = options
+        .service_proxy
         .then(|| crate::cluster::proxy::spawn(client.clone(), proxy_table.clone()));
     std::fs::write(options.data_dir.join(READY_FILE), client.base_url().as_bytes())?;
     tracing::info!(
@@ -436,7 +455,6 @@ async fn start_dns(
     service_cidr: ipnet::Ipv4Net,
 ) -> anyhow::Result<(std::net::Ipv4Addr, tokio::task::JoinHandle<()>)> {
     use k8s_openapi::api::core::v1::Service;
-    use k8s_openapi::api::discovery::v1::EndpointSlice;
     let node_ip = crate::cluster::agent::primary_ipv4();
     let (bound, task) =
         crate::cluster::dns::spawn(client.clone(), SocketAddr::from((node_ip, 0)), "cluster.local".into())
@@ -467,23 +485,52 @@ async fn start_dns(
         }
         Err(e) => return Err(anyhow::anyhow!("creating the kube-dns Service: {e}")),
     }
-    let mut slice: EndpointSlice = serde_json::from_value(serde_json::json!({
-        "metadata": {"name": "kube-dns", "namespace": "kube-system",
-                     "labels": {crate::cluster::controllers::endpoints::SERVICE_NAME_LABEL: "kube-dns"}},
-        "addressType": "IPv4",
-        "endpoints": [{"addresses": [node_ip.to_string()], "conditions": {"ready": true}}],
-        "ports": [{"name": "dns", "port": bound.port(), "protocol": "UDP"},
-                  {"name": "dns-tcp", "port": bound.port(), "protocol": "TCP"}],
-    }))?;
-    match client.get_opt::<EndpointSlice>(Some("kube-system"), "kube-dns").await? {
-        Some(current) => {
-            slice.metadata.resource_version = current.metadata.resource_version;
-            client.replace(Some("kube-system"), "kube-dns", &slice).await?;
-        }
-        None => _ = client.create(Some("kube-system"), &slice).await?,
-    }
+    let ports = [("dns", bound.port(), "UDP"), ("dns-tcp", bound.port(), "TCP")];
+    publish_endpoints(client, "kube-system", "kube-dns", node_ip, &ports).await?;
     tracing::info!(service = %service_ip, listen = %bound, "cluster DNS");
     Ok((service_ip, task))
+}
+
+/// The EndpointSlice and Endpoints of a Service without selector served at `ip` on `ports` (name, port, protocol).
+async fn publish_endpoints(
+    client: &Client,
+    namespace: &str,
+    name: &str,
+    ip: std::net::Ipv4Addr,
+    ports: &[(&str, u16, &str)],
+) -> anyhow::Result<()> {
+    use k8s_openapi::api::core::v1::Endpoints;
+    use k8s_openapi::api::discovery::v1::EndpointSlice;
+    let port_list: Vec<serde_json::Value> = ports
+        .iter()
+        .map(|(port_name, port, protocol)| serde_json::json!({"name": port_name, "port": port, "protocol": protocol}))
+        .collect();
+    let mut slice: EndpointSlice = serde_json::from_value(serde_json::json!({
+        "metadata": {"name": name, "namespace": namespace,
+                     "labels": {crate::cluster::controllers::endpoints::SERVICE_NAME_LABEL: name}},
+        "addressType": "IPv4",
+        "endpoints": [{"addresses": [ip.to_string()], "conditions": {"ready": true}}],
+        "ports": port_list,
+    }))?;
+    match client.get_opt::<EndpointSlice>(Some(namespace), name).await? {
+        Some(current) => {
+            slice.metadata.resource_version = current.metadata.resource_version;
+            client.replace(Some(namespace), name, &slice).await?;
+        }
+        None => _ = client.create(Some(namespace), &slice).await?,
+    }
+    let mut endpoints: Endpoints = serde_json::from_value(serde_json::json!({
+        "metadata": {"name": name, "namespace": namespace},
+        "subsets": [{"addresses": [{"ip": ip.to_string()}], "ports": port_list}],
+    }))?;
+    match client.get_opt::<Endpoints>(Some(namespace), name).await? {
+        Some(current) => {
+            endpoints.metadata.resource_version = current.metadata.resource_version;
+            client.replace(Some(namespace), name, &endpoints).await?;
+        }
+        None => _ = client.create(Some(namespace), &endpoints).await?,
+    }
+    Ok(())
 }
 
 /// `<data-dir>/join-command`: the line that joins another machine to this cluster (printed by `up`).
