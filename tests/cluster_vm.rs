@@ -1,7 +1,8 @@
-//! A VM pod (`runtimeClassName: vm`) through `podvisor up` and the real
-//! `kubectl`, next to a container pod: scheduled, running, its console in
-//! `kubectl logs`, reachable by pod IP from the container pod and the node,
-//! and gone (domain included) once deleted. One VM boot (QEMU under TCG here).
+//! VM pods (a Deployment with `runtimeClassName: vm`) through `podvisor up`
+//! and the real `kubectl`, next to a container pod: scheduled, running, the
+//! console in `kubectl logs`, reachable by pod IP from the container pod, a
+//! Service in front of them reaching both VMs, and gone (domains included)
+//! once deleted. Two VM boots (QEMU under TCG here).
 //! Skipped (loudly) when libvirtd is not running; `hack/test` starts it.
 
 mod common;
@@ -99,16 +100,28 @@ fn registry_with_images() -> (Registry, String, String) {
     (registry, busybox, vmdisk)
 }
 
-const PODS: &str = "apiVersion: v1
-kind: Pod
-metadata: {name: vmpod, labels: {app: vm}}
+const PODS: &str = "apiVersion: apps/v1
+kind: Deployment
+metadata: {name: vms}
 spec:
-  runtimeClassName: vm
-  terminationGracePeriodSeconds: 5
-  containers:
-  - name: vm
-    image: $VMDISK
-    resources: {limits: {memory: 256Mi}}
+  replicas: 2
+  selector: {matchLabels: {app: vm}}
+  template:
+    metadata: {labels: {app: vm}}
+    spec:
+      runtimeClassName: vm
+      terminationGracePeriodSeconds: 5
+      containers:
+      - name: vm
+        image: $VMDISK
+        resources: {limits: {memory: 256Mi}}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: vms}
+spec:
+  selector: {app: vm}
+  ports: [{port: 80}]
 ---
 apiVersion: v1
 kind: Pod
@@ -122,7 +135,7 @@ spec:
 ";
 
 #[test]
-fn vm_pod_runs_next_to_a_container_pod() {
+fn vm_pods_behind_a_service_next_to_a_container_pod() {
     if !std::path::Path::new("/run/libvirt/libvirt-sock").exists() {
         eprintln!("SKIPPED: libvirtd is not running (hack/test starts it)");
         return;
@@ -135,61 +148,96 @@ fn vm_pod_runs_next_to_a_container_pod() {
     let applied = Instant::now();
     c.ok(&["apply", "-f", &file]);
 
-    // Both scheduled and running; the VM pod's sandbox runs under the vm handler.
-    for pod in ["vmpod", "web"] {
-        c.wait_output(&["get", "pod", pod, "-o", "jsonpath={.status.phase}"], WAIT, |p| {
-            p == "Running"
-        });
-    }
-    let vm_sandbox = sandboxes(&c.endpoint())
+    // All scheduled and running; the VM pods' sandboxes run under the vm handler.
+    let vm_pods = c.wait_output(
+        &[
+            "get",
+            "pods",
+            "-l",
+            "app=vm",
+            "-o",
+            "jsonpath={range .items[?(@.status.phase=='Running')]}{.metadata.name} {end}",
+        ],
+        WAIT,
+        |names| names.split_whitespace().count() == 2,
+    );
+    let vm_pods: Vec<String> = vm_pods.split_whitespace().map(String::from).collect();
+    c.wait_output(&["get", "pod", "web", "-o", "jsonpath={.status.phase}"], WAIT, |p| {
+        p == "Running"
+    });
+    let vm_sandboxes: Vec<cri::PodSandbox> = sandboxes(&c.endpoint())
         .into_iter()
-        .find(|s| s.metadata.as_ref().is_some_and(|m| m.name == "vmpod"))
-        .expect("a sandbox for vmpod");
-    guard.track(&vm_sandbox.id);
-    assert_eq!(vm_sandbox.runtime_handler, "vm");
-    let domain = podvisor::backend::vm::domain_name(&vm_sandbox.id);
-    assert!(domain_exists(&domain), "no libvirt domain {domain}");
-    let node = c.ok(&["get", "pod", "vmpod", "-o", "jsonpath={.spec.nodeName}"]);
-    assert!(!node.is_empty(), "vmpod was not bound to a node");
+        .filter(|s| s.metadata.as_ref().is_some_and(|m| vm_pods.contains(&m.name)))
+        .collect();
+    assert_eq!(vm_sandboxes.len(), 2, "{vm_sandboxes:?}");
+    let mut domains = Vec::new();
+    for sandbox in &vm_sandboxes {
+        guard.track(&sandbox.id);
+        assert_eq!(sandbox.runtime_handler, "vm");
+        let domain = podvisor::backend::vm::domain_name(&sandbox.id);
+        assert!(domain_exists(&domain), "no libvirt domain {domain}");
+        domains.push(domain);
+    }
+    let vmpod = vm_pods[0].as_str();
+    let node = c.ok(&["get", "pod", vmpod, "-o", "jsonpath={.spec.nodeName}"]);
+    assert!(!node.is_empty(), "{vmpod} was not bound to a node");
 
     // The console shows the guest's boot in kubectl logs.
-    c.wait_output(&["logs", "vmpod"], WAIT, |log| log.contains(READY_MARKER));
-    let vm_ip = c.ok(&["get", "pod", "vmpod", "-o", "jsonpath={.status.podIP}"]);
-    assert!(!vm_ip.is_empty(), "vmpod has no pod IP");
+    c.wait_output(&["logs", vmpod], WAIT, |log| log.contains(READY_MARKER));
+    let vm_ip = c.ok(&["get", "pod", vmpod, "-o", "jsonpath={.status.podIP}"]);
+    assert!(!vm_ip.is_empty(), "{vmpod} has no pod IP");
 
-    // The container pod reaches the VM's HTTP server by pod IP.
-    let deadline = Instant::now() + WAIT;
-    let page = loop {
-        // busybox-static's `wget -T` crashes, so a bounded nc speaks HTTP instead.
-        let request = format!("printf 'GET / HTTP/1.0\\r\\n\\r\\n' | nc -w 3 {vm_ip} 80");
+    // busybox-static's `wget -T` crashes, so a bounded nc speaks HTTP instead.
+    let fetch = |address: &str, path: &str| {
+        let request = format!("printf 'GET {path} HTTP/1.0\\r\\n\\r\\n' | nc -w 3 {address} 80");
         let out = c.kubectl(&["exec", "web", "--", "sh", "-c", &request]);
         let text = String::from_utf8_lossy(&out.stdout).into_owned();
-        if out.status.success() && text.contains(INDEX_HTML) {
-            break text;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "web never fetched http://{vm_ip}/: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        std::thread::sleep(Duration::from_millis(500));
+        (out.status.success() && text.contains("200 OK"))
+            .then(|| text.split("\r\n\r\n").nth(1).unwrap_or("").trim().to_string())
     };
-    assert!(page.contains(INDEX_HTML));
+    // The container pod reaches the VM's HTTP server by pod IP.
+    let deadline = Instant::now() + WAIT;
+    while fetch(&vm_ip, "/").is_none_or(|page| page != INDEX_HTML) {
+        assert!(Instant::now() < deadline, "web never fetched http://{vm_ip}/");
+        std::thread::sleep(Duration::from_millis(500));
+    }
     eprintln!(
         "kubectl apply → VM pod serving HTTP to a container pod: {:?}",
         applied.elapsed()
     );
 
-    // Deleting the VM pod removes its domain and sandbox; the container pod stays.
-    c.ok(&["delete", "pod", "vmpod", "--wait=true", "--timeout=90s"]);
+    // The Service in front of the VMs spreads connections over both.
+    let vm_ips: std::collections::BTreeSet<String> = vm_pods
+        .iter()
+        .map(|pod| c.ok(&["get", "pod", pod, "-o", "jsonpath={.status.podIP}"]))
+        .collect();
+    let cluster_ip = c.ok(&["get", "svc", "vms", "-o", "jsonpath={.spec.clusterIP}"]);
+    let mut seen = std::collections::BTreeSet::new();
     let deadline = Instant::now() + WAIT;
-    while domain_exists(&domain) {
-        assert!(Instant::now() < deadline, "domain {domain} outlived its pod");
+    while seen != vm_ips {
+        if let Some(ip) = fetch(&cluster_ip, "/ip") {
+            assert!(vm_ips.contains(&ip), "{ip} is not one of {vm_ips:?}");
+            seen.insert(ip);
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the Service reached only {seen:?} of {vm_ips:?}"
+        );
+    }
+
+    // Deleting the VM pods removes their domains and sandboxes; the container pod stays.
+    c.ok(&["delete", "deployment", "vms"]);
+    let deadline = Instant::now() + WAIT;
+    while domains.iter().any(|d| domain_exists(d)) {
+        assert!(Instant::now() < deadline, "domains {domains:?} outlived their pods");
         std::thread::sleep(Duration::from_millis(200));
     }
     let deadline = Instant::now() + WAIT;
-    while sandboxes(&c.endpoint()).iter().any(|s| s.id == vm_sandbox.id) {
-        assert!(Instant::now() < deadline, "vmpod's sandbox was not removed");
+    while sandboxes(&c.endpoint())
+        .iter()
+        .any(|s| vm_sandboxes.iter().any(|v| v.id == s.id))
+    {
+        assert!(Instant::now() < deadline, "the VM pods' sandboxes were not removed");
         std::thread::sleep(Duration::from_millis(200));
     }
     assert_eq!(

@@ -3,6 +3,9 @@
 //! registers one), the idle RSS of the whole process tree, and the latency
 //! from creating a pod to it being bound (and Running, with a node agent).
 //! Without a node agent a fake Node is created so that pods can be bound.
+//! With one: a 10-replica Deployment and its rollout, and the service proxy
+//! against direct pod access (per-connection latency, connections per second,
+//! bulk throughput). Then `up --nodes 3`: readiness, idle RSS and failover.
 //! Run with `hack/bench-cluster`.
 
 #[path = "../../tests/common/mod.rs"]
@@ -18,7 +21,7 @@ use common::push::push_image;
 use common::registry::Registry;
 use futures_util::StreamExt;
 use k8s_openapi::api::apps::v1::Deployment;
-use k8s_openapi::api::core::v1::{Namespace, Node, Pod};
+use k8s_openapi::api::core::v1::{Namespace, Node, Pod, Service};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::WatchEvent;
 use podvisor::cluster::client::{Client, ListParams, WatchStream};
 use serde_json::json;
@@ -382,6 +385,7 @@ async fn main() {
     if agent_node.is_some() {
         report("kubectl apply → Running", &mut applied_running);
         deployments(&client, &image).await;
+        service_proxy(&client, &image).await;
     }
     drop(up);
     several_nodes().await;
@@ -532,4 +536,142 @@ async fn several_nodes() {
     }
     once("node killed → NotReady (grace 5 s)", not_ready.unwrap_or_default());
     once("node killed → pod evicted (+5 s)", evicted.unwrap());
+}
+
+/// One HTTP/1.0 GET on a new connection; the bytes received.
+async fn http_get(address: std::net::SocketAddr, path: &str) -> usize {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut stream = tokio::net::TcpStream::connect(address).await.expect("connect");
+    stream
+        .write_all(format!("GET {path} HTTP/1.0\r\n\r\n").as_bytes())
+        .await
+        .expect("request");
+    let mut buf = vec![0u8; 256 * 1024];
+    let mut total = 0;
+    loop {
+        match stream.read(&mut buf).await.expect("response") {
+            0 => return total,
+            n => total += n,
+        }
+    }
+}
+
+/// Requests per second with `clients` connections at a time for `window`.
+async fn connections_per_second(address: std::net::SocketAddr, clients: usize, window: Duration) -> f64 {
+    let started = Instant::now();
+    let tasks: Vec<_> = (0..clients)
+        .map(|_| {
+            tokio::spawn(async move {
+                let mut done = 0u64;
+                while started.elapsed() < window {
+                    http_get(address, "/index.html").await;
+                    done += 1;
+                }
+                done
+            })
+        })
+        .collect();
+    let mut total = 0;
+    for task in tasks {
+        total += task.await.expect("client");
+    }
+    total as f64 / started.elapsed().as_secs_f64()
+}
+
+/// The service proxy against direct access to a pod: a 2-replica web
+/// Deployment behind a ClusterIP Service, measured from the host.
+async fn service_proxy(client: &Client, image: &str) {
+    let script = "mkdir -p /www && echo ok > /www/index.html && \
+                  dd if=/dev/zero of=/www/big bs=1M count=64 2>/dev/null && exec httpd -f -p 8080 -h /www";
+    let deployment: Deployment = serde_json::from_value(json!({
+        "metadata": {"name": "web"},
+        "spec": {"replicas": 2, "selector": {"matchLabels": {"app": "web"}}, "template": {
+            "metadata": {"labels": {"app": "web"}},
+            "spec": {"terminationGracePeriodSeconds": 0, "containers": [{
+                "name": "web", "image": image, "command": ["sh", "-c", script],
+                "readinessProbe": {"tcpSocket": {"port": 8080}, "periodSeconds": 1}}]}}},
+    }))
+    .unwrap();
+    client
+        .create(Some("default"), &deployment)
+        .await
+        .expect("create deployment");
+    let service: Service = serde_json::from_value(json!({
+        "metadata": {"name": "web"},
+        "spec": {"selector": {"app": "web"}, "ports": [{"port": 80, "targetPort": 8080}]},
+    }))
+    .unwrap();
+    let service = client.create(Some("default"), &service).await.expect("create service");
+    wait_rolled_out(client, "web", 1, 2).await;
+    let cluster_ip = service.spec.and_then(|s| s.cluster_ip).expect("a ClusterIP");
+    let via_service: std::net::SocketAddr = format!("{cluster_ip}:80").parse().unwrap();
+    let pods = client
+        .list::<Pod>(Some("default"), &ListParams::default())
+        .await
+        .expect("pods")
+        .items;
+    let pod_ip = pods
+        .iter()
+        .filter(|p| {
+            p.metadata
+                .labels
+                .as_ref()
+                .and_then(|l| l.get("app"))
+                .map(String::as_str)
+                == Some("web")
+        })
+        .find_map(|p| p.status.as_ref()?.pod_ip.clone())
+        .expect("a web pod's IP");
+    let direct: std::net::SocketAddr = format!("{pod_ip}:8080").parse().unwrap();
+    // Both endpoints programmed: every connection to the Service answers.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let mut answered = 0;
+    while answered < 20 {
+        let ok = tokio::time::timeout(Duration::from_secs(2), tokio::net::TcpStream::connect(via_service))
+            .await
+            .is_ok_and(|c| c.is_ok());
+        answered = if ok { answered + 1 } else { 0 };
+        assert!(Instant::now() < deadline, "{via_service} does not answer");
+    }
+
+    for (label, address) in [("pod IP", direct), ("Service IP", via_service)] {
+        for _ in 0..20 {
+            http_get(address, "/index.html").await;
+        }
+        let mut latencies = Vec::new();
+        for _ in 0..300 {
+            let started = Instant::now();
+            assert!(http_get(address, "/index.html").await > 0);
+            latencies.push(started.elapsed());
+        }
+        report(&format!("GET on a new connection, {label}"), &mut latencies);
+    }
+    for (label, address) in [("pod IP", direct), ("Service IP", via_service)] {
+        let rate = connections_per_second(address, 4, Duration::from_secs(3)).await;
+        println!(
+            "{:<40} {rate:>9.0} req/s   (4 clients, new connection each)",
+            format!("requests, {label}")
+        );
+    }
+    for (label, address) in [("pod IP", direct), ("Service IP", via_service)] {
+        let mut best = 0.0f64;
+        for _ in 0..3 {
+            let started = Instant::now();
+            let bytes = http_get(address, "/big").await;
+            assert!(bytes >= 64 << 20, "short download: {bytes}");
+            best = best.max(bytes as f64 / started.elapsed().as_secs_f64() / (1 << 20) as f64);
+        }
+        println!(
+            "{:<40} {best:>9.0} MiB/s (64 MiB, best of 3)",
+            format!("bulk download, {label}")
+        );
+    }
+    client
+        .delete::<Service>(Some("default"), "web", Some(0))
+        .await
+        .expect("delete service");
+    client
+        .delete::<Deployment>(Some("default"), "web", Some(0))
+        .await
+        .expect("delete deployment");
 }

@@ -359,6 +359,8 @@ if [ -e /sys/class/net/eth0 ]; then
     udhcpc -i eth0 -s /etc/udhcpc/default.script -t 10 -T 1 -A 1 -b -O mtu -O staticroutes -x hostname:podvisor-vm
     [ -s /run/podvisor-ip ] && ip=$(cat /run/podvisor-ip)
 fi
+# /ip tells VMs behind one Service apart.
+echo "$ip" >/www/ip
 httpd -p 80 -h /www
 {extra_init}
 echo "{READY_MARKER} ip=$ip"
