@@ -228,6 +228,16 @@ fn join_with_a_token_checks_the_ca_hash() {
         .output()
         .unwrap();
     assert!(String::from_utf8_lossy(&insecure.stdout).contains("BEGIN CERTIFICATE"));
+    // The join token is a node's: it reads, and writes only what node agents write.
+    assert!(
+        !std::fs::read_to_string(c.kubeconfig()).unwrap().contains(&token),
+        "the join line carries the administrator's token"
+    );
+    c.ok(&["--token", &token, "get", "pods", "-A"]);
+    let denied = c.fails(&["--token", &token, "create", "deployment", "evil", "--image", "x"]);
+    assert!(denied.contains("is forbidden: the node token"), "{denied}");
+    let denied = c.fails(&["--token", &token, "delete", "namespace", "default"]);
+    assert!(denied.contains("is forbidden"), "{denied}");
 
     let dir = tempfile::Builder::new().prefix("podvisor-join-").tempdir().unwrap();
     let (network, bridge, nat) = common::daemon::test_network_config();

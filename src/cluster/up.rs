@@ -274,7 +274,9 @@ pub async fn run_foreground(mut options: UpOptions, shutdown: impl Future<Output
             // No cluster CA key here: the agent's certificate comes from a CA of this node's own.
             let credentials = tls::load_or_create(&options.data_dir.join("kubelet"))?;
             let listen = std::net::IpAddr::from([0, 0, 0, 0]);
-            let (addr, task) = start_agent_server(&options, &credentials, listen, client.token()).await?;
+            // Callers of the agent API (the API server) present the node token.
+            let agent_token = node_token(&client).await?;
+            let (addr, task) = start_agent_server(&options, &credentials, listen, &agent_token).await?;
             let endpoint = AgentEndpoint {
                 addr,
                 own_ca_pem: Some(credentials.ca_pem.clone()),
@@ -288,14 +290,15 @@ pub async fn run_foreground(mut options: UpOptions, shutdown: impl Future<Output
                 true => None,
                 false => {
                     let listen = std::net::IpAddr::from([127, 0, 0, 1]);
-                    let (addr, task) = start_agent_server(&options, &credentials, listen, &credentials.token).await?;
+                    let (addr, task) =
+                        start_agent_server(&options, &credentials, listen, &credentials.node_token).await?;
                     Some((AgentEndpoint { addr, own_ca_pem: None }, task))
                 }
             };
             let mut api_config = ApiConfig::new(api_dir);
             api_config.addr = options.api_address;
             api_config.service_cidr = options.service_cidr;
-            let mut proxy = KubeletProxy::new(&credentials.ca_pem, &credentials.token)?;
+            let mut proxy = KubeletProxy::new(&credentials.ca_pem, &credentials.node_token)?;
             if let Some((endpoint, _)) = &agent_server {
                 proxy = proxy.with_local_node(&options.node_name, endpoint.addr);
             }
@@ -312,6 +315,7 @@ pub async fn run_foreground(mut options: UpOptions, shutdown: impl Future<Output
             write_kubeconfig(&options.kubeconfig, &server.kubeconfig())?;
             write_join_command(&options, &server)?;
             let client = Client::new(&server.url, &server.ca_pem, &server.token)?;
+            publish_node_token(&client, &server.node_token).await?;
             // The `kubernetes` Service leads to this API server.
             let api_ip = match server.addr.ip() {
                 std::net::IpAddr::V4(ip) if !ip.is_unspecified() => ip,
@@ -491,6 +495,46 @@ async fn start_dns(
     Ok((service_ip, task))
 }
 
+const NODE_TOKEN_SECRET: &str = "podvisor-node-token";
+
+/// The node token as a Secret in kube-system, for nodes joining with the administrator's kubeconfig.
+async fn publish_node_token(client: &Client, token: &str) -> anyhow::Result<()> {
+    use k8s_openapi::api::core::v1::Secret;
+    let secret: Secret = serde_json::from_value(serde_json::json!({
+        "metadata": {"name": NODE_TOKEN_SECRET, "namespace": "kube-system"},
+        "stringData": {"token": token},
+    }))?;
+    match client.get_opt::<Secret>(Some("kube-system"), NODE_TOKEN_SECRET).await? {
+        Some(current)
+            if current
+                .data
+                .as_ref()
+                .and_then(|d| d.get("token"))
+                .map(|t| t.0.as_slice())
+                == Some(token.as_bytes()) => {}
+        Some(current) => {
+            let mut secret = secret;
+            secret.metadata.resource_version = current.metadata.resource_version;
+            client.replace(Some("kube-system"), NODE_TOKEN_SECRET, &secret).await?;
+        }
+        None => _ = client.create(Some("kube-system"), &secret).await?,
+    }
+    Ok(())
+}
+
+/// The token the API server presents to node agents (a joining node may hold the administrator's instead).
+async fn node_token(client: &Client) -> anyhow::Result<String> {
+    use k8s_openapi::api::core::v1::Secret;
+    let secret = client
+        .get_opt::<Secret>(Some("kube-system"), NODE_TOKEN_SECRET)
+        .await
+        .context("reading the cluster's node token")?;
+    let token = secret
+        .and_then(|s| s.data?.get("token").cloned())
+        .map(|t| String::from_utf8_lossy(&t.0).trim().to_string());
+    Ok(token.unwrap_or_else(|| client.token().to_string()))
+}
+
 /// The EndpointSlice and Endpoints of a Service without selector served at `ip` on `ports` (name, port, protocol).
 async fn publish_endpoints(
     client: &Client,
@@ -542,7 +586,7 @@ fn write_join_command(options: &UpOptions, server: &ApiServer) -> anyhow::Result
     let line = format!(
         "podvisor join --server https://{host}:{} --token {} --ca-cert-hash {}\n",
         server.addr.port(),
-        server.token,
+        server.node_token,
         tls::ca_cert_hash(&server.ca_pem)?
     );
     use std::os::unix::fs::OpenOptionsExt;

@@ -34,6 +34,22 @@ struct Target {
     sub: Option<String>,
 }
 
+/// What a node agent writes: its Node (and status), its Lease, pod status and
+/// final pod deletion, events. Everything else is for the administrator.
+pub(super) fn node_may_write(method: &http::Method, path: &str) -> bool {
+    let Some(target) = parse_target(path) else {
+        return false;
+    };
+    match (target.info.group, target.info.resource, target.sub.as_deref()) {
+        ("", "nodes", None | Some("status")) => true,
+        ("coordination.k8s.io", "leases", None) => target.ns.as_deref() == Some("kube-node-lease"),
+        ("", "events", None) | ("events.k8s.io", "events", None) => true,
+        ("", "pods", Some("status")) => true,
+        ("", "pods", None) => *method == http::Method::DELETE && target.name.is_some(),
+        _ => false,
+    }
+}
+
 fn parse_target(path: &str) -> Option<Target> {
     let segs: Vec<&str> = path.trim_matches('/').split('/').collect();
     let (group, version, rest) = match segs.as_slice() {
@@ -1095,6 +1111,30 @@ pub(super) async fn bootstrap(state: &Arc<State>) -> anyhow::Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn node_writes_only_where_agents_write() {
+        let (post, delete, patch) = (http::Method::POST, http::Method::DELETE, http::Method::PATCH);
+        assert!(node_may_write(&post, "/api/v1/nodes"));
+        assert!(node_may_write(&patch, "/api/v1/nodes/n1/status"));
+        assert!(node_may_write(&patch, "/api/v1/namespaces/default/pods/p/status"));
+        assert!(node_may_write(&delete, "/api/v1/namespaces/default/pods/p"));
+        assert!(node_may_write(&post, "/api/v1/namespaces/default/events"));
+        let lease = "/apis/coordination.k8s.io/v1/namespaces/kube-node-lease/leases";
+        assert!(node_may_write(&post, lease));
+        assert!(!node_may_write(
+            &post,
+            "/apis/coordination.k8s.io/v1/namespaces/default/leases"
+        ));
+        assert!(!node_may_write(&post, "/api/v1/namespaces/default/pods"));
+        assert!(!node_may_write(&patch, "/api/v1/namespaces/default/pods/p"));
+        assert!(!node_may_write(&delete, "/api/v1/namespaces/default/pods"));
+        assert!(!node_may_write(&post, "/api/v1/namespaces/default/pods/p/exec"));
+        assert!(!node_may_write(&post, "/api/v1/namespaces/default/secrets"));
+        assert!(!node_may_write(&delete, "/api/v1/namespaces/default"));
+        assert!(!node_may_write(&post, "/apis/apps/v1/namespaces/default/deployments"));
+        assert!(!node_may_write(&post, "/unknown"));
+    }
 
     #[test]
     fn targets() {

@@ -69,6 +69,7 @@ pub const CLUSTER_INFO_PATH: &str = "/api/v1/namespaces/kube-public/configmaps/c
 pub(crate) struct State {
     pub store: Arc<dyn Store>,
     pub token: String,
+    pub node_token: String,
     pub ca_pem: String,
     pub hooks: Hooks,
     /// Wakes the garbage collector (after deletes).
@@ -84,6 +85,8 @@ pub struct ApiServer {
     pub url: String,
     pub ca_pem: String,
     pub token: String,
+    /// What joining nodes present (see `Identity::Node`).
+    pub node_token: String,
     /// The same store the server writes; in-process components may watch it directly.
     pub store: Arc<dyn Store>,
     task: JoinHandle<()>,
@@ -104,6 +107,7 @@ impl ApiServer {
         let state = Arc::new(State {
             store: store.clone(),
             token: creds.token.clone(),
+            node_token: creds.node_token.clone(),
             ca_pem: creds.ca_pem.clone(),
             hooks: config.hooks,
             gc: tokio::sync::Notify::new(),
@@ -120,6 +124,7 @@ impl ApiServer {
             url: format!("https://{addr}"),
             ca_pem: creds.ca_pem,
             token: creds.token,
+            node_token: creds.node_token,
             store,
             task,
             gc_task,
@@ -191,15 +196,29 @@ pub(crate) fn query_map(q: Option<&str>) -> HashMap<String, String> {
         .collect()
 }
 
-fn authorized(state: &State, req: &hyper::Request<Incoming>) -> bool {
-    let Some(v) = req.headers().get(header::AUTHORIZATION).and_then(|v| v.to_str().ok()) else {
-        return false;
-    };
-    let Some(tok) = v.strip_prefix("Bearer ") else {
-        return false;
-    };
+/// Who a request comes from.
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum Identity {
+    Admin,
+    /// A node agent (`podvisor join`'s token): reads everything, writes where agents write.
+    Node,
+}
+
+fn same_secret(presented: &str, secret: &str) -> bool {
     // Constant-time comparison.
-    tok.len() == state.token.len() && tok.bytes().zip(state.token.bytes()).fold(0u8, |a, (x, y)| a | (x ^ y)) == 0
+    presented.len() == secret.len() && presented.bytes().zip(secret.bytes()).fold(0u8, |a, (x, y)| a | (x ^ y)) == 0
+}
+
+fn identify(state: &State, req: &hyper::Request<Incoming>) -> Option<Identity> {
+    let value = req.headers().get(header::AUTHORIZATION)?.to_str().ok()?;
+    let token = value.strip_prefix("Bearer ")?;
+    if same_secret(token, &state.token) {
+        Some(Identity::Admin)
+    } else if same_secret(token, &state.node_token) {
+        Some(Identity::Node)
+    } else {
+        None
+    }
 }
 
 const AGGREGATED: &str = "application/json;g=apidiscovery.k8s.io;v=v2;as=APIGroupDiscoveryList";
@@ -227,8 +246,15 @@ async fn route_inner(state: Arc<State>, req: hyper::Request<Incoming>) -> hyper:
         }
         _ => {}
     }
-    if !authorized(&state, &req) {
+    let Some(identity) = identify(&state, &req) else {
         return error_response(&ApiError::unauthorized());
+    };
+    let read = matches!(*req.method(), http::Method::GET | http::Method::HEAD);
+    if identity == Identity::Node && !read && !handlers::node_may_write(req.method(), &path) {
+        return error_response(&ApiError::forbidden(format!(
+            "{path} is forbidden: the node token may not {} it (the administrator's kubeconfig may)",
+            req.method().as_str().to_lowercase()
+        )));
     }
     let accept = req
         .headers()

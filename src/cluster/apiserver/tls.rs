@@ -16,7 +16,10 @@ pub struct Credentials {
     pub ca_key_pem: String,
     pub cert_pem: String,
     pub key_pem: String,
+    /// The administrator's token (the kubeconfig's).
     pub token: String,
+    /// Nodes' token: reads, and writes only where node agents write (see `node_may_write`).
+    pub node_token: String,
 }
 
 fn write_private(path: &Path, data: &str) -> anyhow::Result<()> {
@@ -100,7 +103,7 @@ pub fn issue_serving_cert(
     serving_cert(&issuer, common_name, names.to_vec())
 }
 
-/// Loads `ca.crt`, `apiserver.crt`, `apiserver.key` and `token` from `dir`, creating them if missing.
+/// Loads `ca.crt`, `apiserver.crt`, `apiserver.key`, `token` and `node-token` from `dir`, creating them if missing.
 pub fn load_or_create(dir: &Path) -> anyhow::Result<Credentials> {
     std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
     let (ca, ca_key, crt, key, tok) = (
@@ -118,9 +121,12 @@ pub fn load_or_create(dir: &Path) -> anyhow::Result<Credentials> {
         write_private(&ca_key, &ca_key_pem)?;
         write_private(&ca, &ca_pem)?;
     }
-    if !tok.exists() {
-        let bytes: [u8; 24] = rand::random();
-        write_private(&tok, &bytes.iter().map(|b| format!("{b:02x}")).collect::<String>())?;
+    let node_tok = dir.join("node-token");
+    for path in [&tok, &node_tok] {
+        if !path.exists() {
+            let bytes: [u8; 24] = rand::random();
+            write_private(path, &bytes.iter().map(|b| format!("{b:02x}")).collect::<String>())?;
+        }
     }
     Ok(Credentials {
         ca_pem: std::fs::read_to_string(&ca)?,
@@ -128,6 +134,7 @@ pub fn load_or_create(dir: &Path) -> anyhow::Result<Credentials> {
         cert_pem: std::fs::read_to_string(&crt)?,
         key_pem: std::fs::read_to_string(&key)?,
         token: std::fs::read_to_string(&tok)?.trim().to_string(),
+        node_token: std::fs::read_to_string(&node_tok)?.trim().to_string(),
     })
 }
 

@@ -110,6 +110,24 @@ pub fn apply_defaults(info: &ResourceInfo, obj: &mut Value) {
         .unwrap_or("")
         .to_string();
     match (info.group, info.resource) {
+        ("", "secrets") => {
+            // stringData is write-only: merged into data (base64), winning over it.
+            let map = obj.as_object_mut().expect("an object");
+            if let Some(Value::Object(strings)) = map.remove("stringData") {
+                use base64::Engine;
+                let data = map.entry("data").or_insert(json!({}));
+                if let Some(data) = data.as_object_mut() {
+                    for (key, value) in strings {
+                        let text = value.as_str().unwrap_or_default().to_string();
+                        let encoded = base64::engine::general_purpose::STANDARD.encode(text);
+                        data.insert(key, Value::String(encoded));
+                    }
+                }
+            }
+            if map.get("type").and_then(Value::as_str).is_none_or(str::is_empty) {
+                map.insert("type".into(), json!("Opaque"));
+            }
+        }
         ("", "pods") => {
             let spec = obj_mut(obj, "spec");
             default_pod_spec(spec);
@@ -129,9 +147,6 @@ pub fn apply_defaults(info: &ResourceInfo, obj: &mut Value) {
                 .entry("finalizers")
                 .or_insert(json!(["kubernetes"]));
             default_str(obj_mut(obj, "status"), "phase", "Active");
-        }
-        ("", "secrets") if obj.get("type").and_then(Value::as_str).is_none_or(str::is_empty) => {
-            obj["type"] = json!("Opaque");
         }
         ("", "services") => {
             let spec = obj_mut(obj, "spec");
@@ -599,6 +614,17 @@ pub fn validate_update(info: &ResourceInfo, old: &Value, new: &Value) -> ApiResu
 mod tests {
     use super::super::registry::lookup;
     use super::*;
+
+    #[test]
+    fn secrets_merge_string_data_into_data() {
+        let secrets = crate::cluster::apiserver::registry::lookup("", "v1", "secrets").unwrap();
+        let mut secret =
+            json!({"metadata": {"name": "s"}, "data": {"a": "eA==", "b": "eA=="}, "stringData": {"b": "hi"}});
+        apply_defaults(secrets, &mut secret);
+        assert_eq!(secret["data"], json!({"a": "eA==", "b": "aGk="}));
+        assert_eq!(secret.get("stringData"), None);
+        assert_eq!(secret["type"], json!("Opaque"));
+    }
 
     #[test]
     fn strict_names_unknown_field_and_prunes() {
