@@ -418,6 +418,67 @@ fn deployment_scales_rolls_out_and_rolls_back() {
     );
 }
 
+/// `image=replicas` of the app's ReplicaSets, sorted.
+fn rs_sizes(c: &Cluster, app: &str) -> Vec<String> {
+    let selector = format!("app={app}");
+    let out = jsonpath(
+        c,
+        &["get", "rs", "-l", &selector],
+        "{range .items[*]}{.spec.template.spec.containers[0].image}={.spec.replicas} {end}",
+    );
+    let mut sizes: Vec<String> = out.split_whitespace().map(str::to_string).collect();
+    sizes.sort();
+    sizes
+}
+
+fn wait_rs_sizes(c: &Cluster, app: &str, want: &[&str]) {
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let sizes = rs_sizes(c, app);
+        if sizes == want {
+            return;
+        }
+        assert!(Instant::now() < deadline, "ReplicaSets {sizes:?}, wanted {want:?}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+#[test]
+fn scaling_mid_rollout_is_proportional() {
+    let c = control_plane(&[node("n1", json!([]))]);
+    let kubelet = FakeKubelet::start(&c, "prop");
+    c.ok(&[
+        "create",
+        "deployment",
+        "prop",
+        "--image=example.invalid/prop:1",
+        "--replicas=4",
+    ]);
+    rollout_ok(&c, "deployment/prop");
+    // New pods never get ready: the rollout stops at 3 old + 2 new (4 replicas, 25% surge and unavailable).
+    kubelet.ready_delay_ms.store(3_600_000, Ordering::SeqCst);
+    c.ok(&["set", "image", "deployment/prop", "*=example.invalid/prop:2"]);
+    wait_rs_sizes(&c, "prop", &["example.invalid/prop:1=3", "example.invalid/prop:2=2"]);
+    // Scaled to 8 (10 with the surge) mid-rollout: each ReplicaSet keeps its share, 6 and 4.
+    c.ok(&["scale", "deployment/prop", "--replicas=8"]);
+    wait_rs_sizes(&c, "prop", &["example.invalid/prop:1=6", "example.invalid/prop:2=4"]);
+    std::thread::sleep(Duration::from_millis(500));
+    assert_eq!(
+        rs_sizes(&c, "prop"),
+        ["example.invalid/prop:1=6", "example.invalid/prop:2=4"],
+        "the shares hold"
+    );
+    let desired = jsonpath(
+        &c,
+        &["get", "rs", "-l", "app=prop"],
+        "{.items[*].metadata.annotations.deployment\\.kubernetes\\.io/desired-replicas}",
+    );
+    assert_eq!(desired, "8 8");
+    // And back down to 4 (5 with the surge): 3 and 2 again.
+    c.ok(&["scale", "deployment/prop", "--replicas=4"]);
+    wait_rs_sizes(&c, "prop", &["example.invalid/prop:1=3", "example.invalid/prop:2=2"]);
+}
+
 #[test]
 fn recreate_progress_deadline_and_validation() {
     let c = control_plane(&[node("n1", json!([]))]);

@@ -666,6 +666,33 @@ async fn service_proxy(client: &Client, image: &str) {
             format!("bulk download, {label}")
         );
     }
+    // Cluster DNS: a Service name over UDP through the kube-dns Service.
+    let dns: Service = client.get(Some("kube-system"), "kube-dns").await.expect("kube-dns");
+    let dns_ip = dns.spec.and_then(|s| s.cluster_ip).expect("kube-dns ClusterIP");
+    let socket = tokio::net::UdpSocket::bind("0.0.0.0:0").await.unwrap();
+    socket.connect(format!("{dns_ip}:53")).await.unwrap();
+    let mut query = vec![0x12, 0x34, 0x01, 0x00, 0, 1, 0, 0, 0, 0, 0, 0];
+    for label in "web.default.svc.cluster.local".split('.') {
+        query.push(label.len() as u8);
+        query.extend_from_slice(label.as_bytes());
+    }
+    query.extend_from_slice(&[0, 0, 1, 0, 1]);
+    let mut latencies = Vec::new();
+    let mut answer = [0u8; 512];
+    for i in 0..320 {
+        let started = Instant::now();
+        socket.send(&query).await.unwrap();
+        let n = tokio::time::timeout(Duration::from_secs(2), socket.recv(&mut answer))
+            .await
+            .expect("a DNS answer")
+            .unwrap();
+        assert!(n > query.len() && answer[7] == 1, "no A record");
+        if i >= 20 {
+            latencies.push(started.elapsed());
+        }
+    }
+    report("DNS A query (UDP, via kube-dns)", &mut latencies);
+
     client
         .delete::<Service>(Some("default"), "web", Some(0))
         .await

@@ -240,6 +240,40 @@ pub fn scale_down_old(old: &[(i32, i32)], new: (i32, i32), replicas: i32, max_un
     sizes
 }
 
+/// Proportional scaling: the replica count changed while several ReplicaSets
+/// are active (`sizes` as (replicas, revision)). Each keeps its share of
+/// `allowed` (replicas + maxSurge); the rounding leftover goes to the largest
+/// (ties: the newest when adding, the oldest when removing).
+pub fn proportional_sizes(sizes: &[(i32, i64)], allowed: i32) -> Vec<i32> {
+    let total: i32 = sizes.iter().map(|(size, _)| *size).sum();
+    let mut out: Vec<i32> = sizes.iter().map(|(size, _)| *size).collect();
+    let to_add = allowed - total;
+    if to_add == 0 || total == 0 {
+        return out;
+    }
+    let mut order: Vec<usize> = (0..sizes.len()).collect();
+    order.sort_by_key(|&i| {
+        let (size, rev) = sizes[i];
+        (std::cmp::Reverse(size), if to_add > 0 { -rev } else { rev })
+    });
+    let mut added = 0;
+    for &i in &order {
+        let size = sizes[i].0;
+        if size == 0 {
+            continue;
+        }
+        let share = ((size as f64 * allowed as f64) / total as f64).round() as i32 - size;
+        let left = to_add - added;
+        let step = if to_add > 0 { share.min(left) } else { share.max(left) };
+        out[i] += step;
+        added += step;
+    }
+    if let Some(&first) = order.first() {
+        out[first] = (out[first] + to_add - added).max(0);
+    }
+    out
+}
+
 /// Sets a condition; its transition time changes only with its status. Unchanged conditions stay as they are
 /// unless `touch` (progress was made: `lastUpdateTime` moves).
 fn set_condition(
@@ -377,6 +411,36 @@ impl Controller {
             )
         });
         let mut created = false;
+
+        // The replica count changed while a rollout has several ReplicaSets active: each keeps its share.
+        let active: Vec<ReplicaSet> = old
+            .iter()
+            .chain(new_rs.iter())
+            .filter(|rs| spec_replicas(rs) > 0)
+            .cloned()
+            .collect();
+        let scaling_event = active.iter().any(|rs| {
+            let desired = rs.metadata.annotations.as_ref().and_then(|a| a.get(DESIRED_REPLICAS));
+            desired
+                .and_then(|v| v.parse::<i32>().ok())
+                .is_some_and(|v| v != replicas)
+        });
+        if active.len() > 1 && scaling_event && !is_recreate(&d) {
+            let (surge, _) = fenceposts(&d, replicas);
+            let sizes: Vec<(i32, i64)> = active
+                .iter()
+                .map(|rs| (spec_replicas(rs), revision(&rs.metadata)))
+                .collect();
+            for (rs, size) in active.iter().zip(proportional_sizes(&sizes, replicas + surge)) {
+                let scaled = self.scale(&d, rs, size, replicas).await?;
+                for slot in old.iter_mut().chain(new_rs.iter_mut()) {
+                    if slot.metadata.name == scaled.metadata.name {
+                        *slot = scaled.clone();
+                    }
+                }
+            }
+            return self.update_status(&d, new_rs.as_ref(), &old, false).await;
+        }
 
         if spec.paused == Some(true) {
             self.scale_paused(&d, new_rs.as_ref(), &old, replicas).await?;
@@ -883,6 +947,19 @@ mod tests {
         assert_eq!(scale_down_old(&[(3, 3)], (1, 0), 3, 1), [2]);
         // Oldest first.
         assert_eq!(scale_down_old(&[(1, 1), (2, 2)], (3, 3), 3, 0), [0, 0]);
+    }
+
+    #[test]
+    fn scaling_mid_rollout_keeps_shares() {
+        // Old 3 and new 2 (4 replicas + 1 surge), scaled to 8 (+2 surge): 6 and 4.
+        assert_eq!(proportional_sizes(&[(3, 1), (2, 2)], 10), [6, 4]);
+        // And back down to 4 + 1.
+        assert_eq!(proportional_sizes(&[(6, 1), (4, 2)], 5), [3, 2]);
+        // Rounding leftovers go to the largest; ties: the newest when adding, the oldest when removing.
+        assert_eq!(proportional_sizes(&[(1, 1), (1, 2)], 3), [1, 2]);
+        assert_eq!(proportional_sizes(&[(2, 1), (2, 2)], 3), [1, 2]);
+        assert_eq!(proportional_sizes(&[(5, 1), (0, 2), (5, 3)], 5), [2, 0, 3]);
+        assert_eq!(proportional_sizes(&[(3, 1), (2, 2)], 0), [0, 0]);
     }
 
     #[test]
