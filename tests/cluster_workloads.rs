@@ -662,7 +662,7 @@ fn daemonset_runs_one_pod_per_eligible_node() {
         json!([{"key": "dedicated", "value": "db", "effect": "NoSchedule"}]),
     );
     let c = control_plane(&[node("n1", json!([])), node("n2", json!([])), tainted]);
-    let _kubelet = FakeKubelet::start(&c, "agent");
+    let kubelet = FakeKubelet::start(&c, "agent");
     let ds = |image: &str| {
         json!({
             "apiVersion": "apps/v1", "kind": "DaemonSet",
@@ -710,6 +710,31 @@ fn daemonset_runs_one_pod_per_eligible_node() {
         ["example.invalid/agent:2"; 2]
     );
     assert_eq!(revisions(&c, "daemonset/agent"), ["1", "2"]);
+
+    // maxSurge 1, maxUnavailable 0: each node's new daemon starts beside the old one, which goes once the new
+    // one is available; never fewer than 2 ready, never more than 3 at once.
+    let mut surge = ds("example.invalid/agent:3");
+    surge["spec"]["updateStrategy"] = json!({"type": "RollingUpdate",
+                                            "rollingUpdate": {"maxSurge": 1, "maxUnavailable": 0}});
+    kubelet.reset();
+    apply(&c, "ds3", &[surge]);
+    rollout_ok(&c, "daemonset/agent");
+    wait_active_pods(&c, "agent", 2);
+    let images = jsonpath(
+        &c,
+        &["get", "pods", "-l", "app=agent"],
+        "{.items[*].spec.containers[0].image}",
+    );
+    assert_eq!(
+        images.split_whitespace().collect::<Vec<_>>(),
+        ["example.invalid/agent:3"; 2]
+    );
+    let (min_ready, max_active) = kubelet.extremes();
+    assert_eq!(
+        (min_ready, max_active),
+        (2, 3),
+        "ready never below 2, at most one surge pod"
+    );
 
     // A new node gets its daemon.
     apply(&c, "n3", &[node("n3", json!([]))]);

@@ -251,12 +251,34 @@ impl Controller {
             .collect();
         let min_ready = i64::from(spec.min_ready_seconds.unwrap_or(0));
         let at = now();
+        let rolling = spec.update_strategy.as_ref().and_then(|s| s.type_.as_deref()) != Some("OnDelete");
+        let rolling_update = spec.update_strategy.as_ref().and_then(|s| s.rolling_update.as_ref());
+        // maxSurge: a node's new daemon starts next to the old one, which goes once the new one is available.
+        let max_surge = match rolling {
+            true => resolve(
+                rolling_update.and_then(|r| r.max_surge.as_ref()),
+                eligible.len() as i32,
+                true,
+                0,
+            ),
+            false => 0,
+        };
+        let is_current = |p: &Pod| p.metadata.labels.as_ref().and_then(|l| l.get(REVISION_HASH_LABEL)) == Some(&hash);
+        let mut surging = 0;
         let mut to_create = Vec::new();
         let mut to_delete: Vec<Pod> = Vec::new();
         for node in &eligible {
             match by_node.get(*node).map(Vec::as_slice) {
                 None | Some([]) => to_create.push((*node).clone()),
                 Some([_]) => {}
+                Some(pods) if max_surge > 0 && pods.iter().filter(|p| is_current(p)).count() == 1 => {
+                    let new = pods.iter().find(|p| is_current(p)).expect("one current pod");
+                    if is_available(new, min_ready, at) {
+                        to_delete.extend(pods.iter().filter(|p| !is_current(p)).cloned());
+                    } else {
+                        surging += 1;
+                    }
+                }
                 Some(pods) => {
                     // Keep one, preferring the current revision, then the oldest.
                     let mut pods = pods.to_vec();
@@ -274,14 +296,25 @@ impl Controller {
                 to_delete.extend(pods.iter().cloned());
             }
         }
-        // Rolling update: old pods go, at most maxUnavailable daemons down at a time; unavailable old ones first.
-        let rolling = spec.update_strategy.as_ref().and_then(|s| s.type_.as_deref()) != Some("OnDelete");
-        if rolling {
+        if max_surge > 0 {
+            // Surge: unavailable old daemons are replaced at once, available ones get a new daemon beside them,
+            // at most maxSurge nodes at a time.
+            for node in &eligible {
+                if let Some([pod]) = by_node.get(*node).map(Vec::as_slice)
+                    && !is_current(pod)
+                {
+                    if !is_available(pod, min_ready, at) {
+                        to_delete.push(pod.clone());
+                    } else if surging < max_surge {
+                        surging += 1;
+                        to_create.push((*node).clone());
+                    }
+                }
+            }
+        } else if rolling {
+            // Old pods go, at most maxUnavailable daemons down at a time; unavailable old ones first.
             let max_unavailable = resolve(
-                spec.update_strategy
-                    .as_ref()
-                    .and_then(|s| s.rolling_update.as_ref())
-                    .and_then(|r| r.max_unavailable.as_ref()),
+                rolling_update.and_then(|r| r.max_unavailable.as_ref()),
                 eligible.len() as i32,
                 true,
                 0,
@@ -311,9 +344,6 @@ impl Controller {
             let budget = (max_unavailable - unavailable).max(0) as usize;
             to_delete.extend(old_available.into_iter().take(budget));
         }
-        for node in &to_create {
-            self.create_pod(&ds, &hash, node).await?;
-        }
         for pod in &to_delete {
             let pod_name = name(&pod.metadata).to_string();
             self.client.delete::<Pod>(Some(&ns), &pod_name, None).await?;
@@ -326,6 +356,11 @@ impl Controller {
             );
         }
 
+        // After the deletions: a surge pod elsewhere starts only once an old one is gone.
+        for node in &to_create {
+            self.create_pod(&ds, &hash, node).await?;
+        }
+
         let desired = eligible.len();
         let on_eligible = |f: &dyn Fn(&Pod) -> bool| {
             eligible
@@ -336,8 +371,10 @@ impl Controller {
         let current = on_eligible(&|_| true);
         let ready = on_eligible(&is_ready);
         let available = on_eligible(&|p| is_available(p, min_ready, at));
-        let updated =
-            on_eligible(&|p| p.metadata.labels.as_ref().and_then(|l| l.get(REVISION_HASH_LABEL)) == Some(&hash));
+        let updated = eligible
+            .iter()
+            .filter(|n| by_node.get(**n).is_some_and(|pods| pods.iter().any(is_current)))
+            .count();
         let misscheduled = by_node.keys().filter(|n| !eligible.contains(n)).count();
         let status = json!({
             "desiredNumberScheduled": desired,
