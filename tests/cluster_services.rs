@@ -213,6 +213,21 @@ fn services_spread_connections_over_ready_endpoints() {
         "{out:?}"
     );
 
+    // Services created before the pod are in its environment, as kubelet sets them.
+    let env = c.ok(&["exec", "client", "--", "env"]);
+    for var in [
+        format!("WEB_SERVICE_HOST={cluster_ip}"),
+        "WEB_SERVICE_PORT_HTTP=80".to_string(),
+        format!("WEB_PORT_80_TCP=tcp://{cluster_ip}:80"),
+        "KUBERNETES_SERVICE_PORT=443".to_string(),
+    ] {
+        assert!(env.lines().any(|l| l == var), "{var} not in\n{env}");
+    }
+    assert!(
+        !env.contains("WEB_PODS_SERVICE_HOST"),
+        "a headless Service has no variables"
+    );
+
     // SRV for named ports, from a pod.
     let out = c.ok(&[
         "exec",

@@ -772,7 +772,8 @@ async fn nodes_are_found_by_their_published_endpoint() {
 
     // The agent's own API: token required, kubelet-style paths, metav1.Status errors.
     let api_dir = c.data_dir().join("apiserver");
-    let token = std::fs::read_to_string(api_dir.join("token")).unwrap();
+    // The agent API takes the node token (the one the API server presents).
+    let token = std::fs::read_to_string(api_dir.join("node-token")).unwrap();
     let ca = std::fs::read(api_dir.join("ca.crt")).unwrap();
     let client = reqwest::Client::builder()
         .add_root_certificate(reqwest::Certificate::from_pem(&ca).unwrap())

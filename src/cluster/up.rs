@@ -350,7 +350,10 @@ pub async fn run_foreground(mut options: UpOptions, shutdown: impl Future<Output
     let proxy = options
         .service_proxy
         .then(|| crate::cluster::proxy::spawn(client.clone(), proxy_table.clone()));
-    std::fs::write(options.data_dir.join(READY_FILE), client.base_url().as_bytes())?;
+    // Whole or not at all: readers wait for the file, then read the URL.
+    let ready = options.data_dir.join(READY_FILE);
+    std::fs::write(ready.with_extension("tmp"), client.base_url().as_bytes())?;
+    std::fs::rename(ready.with_extension("tmp"), &ready)?;
     tracing::info!(
         api = %client.base_url(),
         kubeconfig = %options.kubeconfig.display(),

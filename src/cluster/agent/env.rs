@@ -1,9 +1,12 @@
-//! A container's environment: `envFrom` and `env` with values from ConfigMaps,
-//! Secrets, the downward API (fields and resources) and `$(VAR)` references.
+//! A container's environment: Services' variables (`<NAME>_SERVICE_HOST`...),
+//! then `envFrom` and `env` with values from ConfigMaps, Secrets, the
+//! downward API (fields and resources) and `$(VAR)` references.
 
 use std::collections::{BTreeMap, HashMap};
 
-use k8s_openapi::api::core::v1::{ConfigMap, Container, ObjectFieldSelector, Pod, ResourceFieldSelector, Secret};
+use k8s_openapi::api::core::v1::{
+    ConfigMap, Container, ObjectFieldSelector, Pod, ResourceFieldSelector, Secret, Service,
+};
 
 use super::quantity;
 use crate::cluster::client::Client;
@@ -92,14 +95,79 @@ impl Sources {
 /// Resolves the container's environment in Kubernetes order: `envFrom`
 /// sources first, then `env` entries (later ones win). A missing required
 /// source is an error (CreateContainerConfigError).
+/// The variables Services give a pod, as kubelet sets them: its namespace's
+/// Services (unless `enableServiceLinks: false`) and the `kubernetes` Service.
+pub async fn service_links(client: &Client, pod: &Pod) -> Result<Vec<(String, String)>, String> {
+    let namespace = pod.metadata.namespace.as_deref().unwrap_or("default");
+    let links = pod.spec.as_ref().and_then(|s| s.enable_service_links).unwrap_or(true);
+    let mut services: Vec<Service> = Vec::new();
+    if links {
+        let params = crate::cluster::client::ListParams::default();
+        let list = client
+            .list::<Service>(Some(namespace), &params)
+            .await
+            .map_err(|e| format!("listing the services of namespace {namespace}: {e}"))?;
+        services.extend(list.items);
+    }
+    if namespace != "default" || !links {
+        let master = client
+            .get_opt::<Service>(Some("default"), "kubernetes")
+            .await
+            .map_err(|e| format!("reading the kubernetes service: {e}"))?;
+        services.extend(master);
+    }
+    Ok(service_vars(&services))
+}
+
+/// `<NAME>_SERVICE_HOST`, `<NAME>_SERVICE_PORT[_<PORT NAME>]` and the Docker
+/// link variables (`<NAME>_PORT`, `<NAME>_PORT_<port>_<PROTO>[_PROTO|_PORT|_ADDR]`).
+pub fn service_vars(services: &[Service]) -> Vec<(String, String)> {
+    let mut vars = Vec::new();
+    for service in services {
+        let (Some(name), Some(spec)) = (&service.metadata.name, &service.spec) else {
+            continue;
+        };
+        let Some(ip) = spec.cluster_ip.as_deref().filter(|ip| !ip.is_empty() && *ip != "None") else {
+            continue;
+        };
+        let ports = spec.ports.as_deref().unwrap_or_default();
+        let Some(first) = ports.first() else { continue };
+        let prefix = name.to_uppercase().replace('-', "_");
+        vars.push((format!("{prefix}_SERVICE_HOST"), ip.to_string()));
+        vars.push((format!("{prefix}_SERVICE_PORT"), first.port.to_string()));
+        for port in ports {
+            if let Some(port_name) = port.name.as_deref().filter(|n| !n.is_empty()) {
+                let suffix = port_name.to_uppercase().replace('-', "_");
+                vars.push((format!("{prefix}_SERVICE_PORT_{suffix}"), port.port.to_string()));
+            }
+        }
+        let protocol = |p: &k8s_openapi::api::core::v1::ServicePort| p.protocol.clone().unwrap_or_else(|| "TCP".into());
+        vars.push((
+            format!("{prefix}_PORT"),
+            format!("{}://{ip}:{}", protocol(first).to_lowercase(), first.port),
+        ));
+        for port in ports {
+            let proto = protocol(port);
+            let base = format!("{prefix}_PORT_{}_{}", port.port, proto.to_uppercase());
+            vars.push((base.clone(), format!("{}://{ip}:{}", proto.to_lowercase(), port.port)));
+            vars.push((format!("{base}_PROTO"), proto.to_lowercase()));
+            vars.push((format!("{base}_PORT"), port.port.to_string()));
+            vars.push((format!("{base}_ADDR"), ip.to_string()));
+        }
+    }
+    vars
+}
+
+/// The container's variables, on top of `base` (the Services' ones): a name set later wins.
 pub async fn resolve(
     client: &Client,
     sources: &mut Sources,
     facts: &Downward<'_>,
     container: &Container,
+    base: Vec<(String, String)>,
 ) -> Result<Vec<(String, String)>, String> {
     let namespace = facts.pod.metadata.namespace.as_deref().unwrap_or("default");
-    let mut vars: Vec<(String, String)> = Vec::new();
+    let mut vars: Vec<(String, String)> = base;
     let set = |vars: &mut Vec<(String, String)>, name: String, value: String| {
         vars.retain(|(n, _)| *n != name);
         vars.push((name, value));
@@ -291,6 +359,27 @@ pub fn resource_value(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn services_give_kubelet_style_variables() {
+        let services: Vec<Service> = serde_json::from_value(serde_json::json!([
+            {"metadata": {"name": "web-db"},
+             "spec": {"clusterIP": "10.96.0.7", "ports": [{"name": "pg-main", "port": 5432}, {"port": 53, "protocol": "UDP"}]}},
+            {"metadata": {"name": "headless"}, "spec": {"clusterIP": "None", "ports": [{"port": 80}]}},
+        ]))
+        .unwrap();
+        let vars: BTreeMap<String, String> = service_vars(&services).into_iter().collect();
+        let get = |k: &str| vars.get(k).map(String::as_str);
+        assert_eq!(get("WEB_DB_SERVICE_HOST"), Some("10.96.0.7"));
+        assert_eq!(get("WEB_DB_SERVICE_PORT"), Some("5432"));
+        assert_eq!(get("WEB_DB_SERVICE_PORT_PG_MAIN"), Some("5432"));
+        assert_eq!(get("WEB_DB_PORT"), Some("tcp://10.96.0.7:5432"));
+        assert_eq!(get("WEB_DB_PORT_53_UDP"), Some("udp://10.96.0.7:53"));
+        assert_eq!(get("WEB_DB_PORT_53_UDP_PROTO"), Some("udp"));
+        assert_eq!(get("WEB_DB_PORT_5432_TCP_ADDR"), Some("10.96.0.7"));
+        assert_eq!(get("WEB_DB_PORT_5432_TCP_PORT"), Some("5432"));
+        assert!(!vars.keys().any(|k| k.starts_with("HEADLESS")));
+    }
 
     #[test]
     fn expansion() {

@@ -227,7 +227,11 @@ impl Worker {
             node_memory: super::machine::memory_bytes(),
         };
         let mut sources = Sources::default();
-        let vars = match env::resolve(&self.ctx.client, &mut sources, &facts, container).await {
+        let service_vars = match env::service_links(&self.ctx.client, &self.pod).await {
+            Ok(vars) => vars,
+            Err(message) => return Err(config_error(self, message)),
+        };
+        let vars = match env::resolve(&self.ctx.client, &mut sources, &facts, container, service_vars).await {
             Ok(vars) => vars,
             Err(message) => return Err(config_error(self, message)),
         };
