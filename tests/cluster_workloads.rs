@@ -624,6 +624,51 @@ fn deletes_cascade_orphan_or_wait_for_dependents() {
     eprintln!("foreground delete took {:?}", started.elapsed());
     assert_eq!(c.ok(&["get", "deploy,rs,pods", "-l", "app=fg", "-o", "name"]), "");
 
+    // Only dependents with blockOwnerDeletion hold a foreground deletion up: a finalizer keeps both
+    // dependents here, and the owner goes as soon as the blocking one is released.
+    c.ok(&["create", "configmap", "owner"]);
+    let owner_uid = jsonpath(&c, &["get", "configmap", "owner"], "{.metadata.uid}");
+    let dependent = |name: &str, block: bool| {
+        json!({"apiVersion": "v1", "kind": "ConfigMap",
+               "metadata": {"name": name, "finalizers": ["example.com/hold"],
+                            "ownerReferences": [{"apiVersion": "v1", "kind": "ConfigMap", "name": "owner",
+                                                 "uid": owner_uid, "blockOwnerDeletion": block}]}})
+    };
+    apply(
+        &c,
+        "dependents",
+        &[dependent("blocking", true), dependent("loose", false)],
+    );
+    c.ok(&["delete", "configmap", "owner", "--cascade=foreground", "--wait=false"]);
+    std::thread::sleep(Duration::from_secs(1));
+    assert_eq!(
+        c.ok(&["get", "configmap", "owner", "-o", "name"]).trim(),
+        "configmap/owner"
+    );
+    c.ok(&[
+        "patch",
+        "configmap",
+        "blocking",
+        "--type=merge",
+        "-p",
+        r#"{"metadata":{"finalizers":null}}"#,
+    ]);
+    c.wait_output(
+        &["get", "configmap", "owner", "--ignore-not-found", "-o", "name"],
+        WAIT,
+        str::is_empty,
+    );
+    let loose = jsonpath(&c, &["get", "configmap", "loose"], "{.metadata.deletionTimestamp}");
+    assert!(!loose.is_empty(), "the loose dependent is being deleted too");
+    c.ok(&[
+        "patch",
+        "configmap",
+        "loose",
+        "--type=merge",
+        "-p",
+        r#"{"metadata":{"finalizers":null}}"#,
+    ]);
+
     // A new deployment selecting the orphaned ReplicaSet adopts it (same template: no new pods).
     let pods = active_pods(&c, "orphan");
     c.ok(&[

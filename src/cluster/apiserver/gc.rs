@@ -3,7 +3,7 @@
 //! - A dependent whose owners are all gone (no object with that uid under the owner's name) is deleted in the
 //!   background; an owner that is gone is dropped from a dependent that has others.
 //! - An owner deleted with `propagationPolicy: Foreground` keeps the `foregroundDeletion` finalizer while its
-//!   dependents are deleted (foreground too); it goes when none is left.
+//!   dependents are deleted (foreground too); it goes when none with `blockOwnerDeletion` is left.
 //! - `Orphan` strips the owner from its dependents before the owner goes (see `orphan_dependents`).
 //!
 //! A pass runs shortly after every delete and otherwise every [`SWEEP_INTERVAL`], which also catches
@@ -169,7 +169,10 @@ async fn collect(state: &Arc<State>) -> bool {
         let mut foreground_owner = false;
         for r in refs {
             let owner_uid = r["uid"].as_str().unwrap_or("");
-            referenced.insert(owner_uid);
+            // A foreground deletion waits only for dependents that say they block it.
+            if r["blockOwnerDeletion"] == json!(true) {
+                referenced.insert(owner_uid);
+            }
             match by_uid.get(owner_uid) {
                 Some(owner) => foreground_owner |= foreground_deleting(owner),
                 None if owner_gone(state, dep, r).await => _ = gone.insert(owner_uid.to_string()),
