@@ -290,6 +290,11 @@ fn services_spread_connections_over_ready_endpoints() {
         dig(&[&format!("{first}.default.pod.cluster.local")]),
         [pod_ips[0].clone()]
     );
+    assert_eq!(dig(&["-x", &cluster_ip]), ["web.default.svc.cluster.local."]);
+    assert_eq!(
+        dig(&["-x", &pod_ips[0]]),
+        [format!("{first}.web-pods.default.svc.cluster.local.")]
+    );
     let status = |args: &[&str]| {
         let out = std::process::Command::new("dig")
             .args(["+time=3", "+tries=2", &format!("@{dns_ip}")])

@@ -7,6 +7,7 @@
 //!   `<hostname or a-b-c-d>.<service>...`, which has its own A record), with
 //!   the targets' A records as additional answers;
 //! - `<a-b-c-d>.<namespace>.pod.<domain>`: A, that address;
+//! - `d.c.b.a.in-addr.arpa` of a ClusterIP or headless endpoint: PTR, its name;
 //! - NXDOMAIN for other names in the domain, and no data for other types.
 //!
 //! Every other question is relayed to the machine's own resolvers. UDP
@@ -31,6 +32,7 @@ use crate::cluster::informer::Informer;
 
 const TYPE_A: u16 = 1;
 const TYPE_CNAME: u16 = 5;
+const TYPE_PTR: u16 = 12;
 const TYPE_OPT: u16 = 41;
 const TYPE_SRV: u16 = 33;
 const TYPE_ANY: u16 = 255;
@@ -52,6 +54,7 @@ pub fn service_ip(cidr: &ipnet::Ipv4Net) -> Ipv4Addr {
 pub enum Data {
     A(Ipv4Addr),
     Cname(String),
+    Ptr(String),
     Srv {
         priority: u16,
         weight: u16,
@@ -65,6 +68,7 @@ impl Data {
         match self {
             Data::A(_) => TYPE_A,
             Data::Cname(_) => TYPE_CNAME,
+            Data::Ptr(_) => TYPE_PTR,
             Data::Srv { .. } => TYPE_SRV,
         }
     }
@@ -97,12 +101,19 @@ pub struct Zone {
     records: HashMap<String, Vec<Data>>,
     /// Names with nothing of their own but records below them (`<namespace>.svc.<domain>`...).
     interior: HashSet<String>,
+    /// Reverse names (`d.c.b.a.in-addr.arpa`) of ClusterIPs and headless endpoints.
+    reverse: HashMap<String, Vec<String>>,
 }
 
 impl Zone {
     pub fn build(domain: &str, services: &[Service], slices: &[EndpointSlice]) -> Zone {
         let domain = domain.trim_matches('.').to_lowercase();
         let mut records: HashMap<String, Vec<Data>> = HashMap::new();
+        let mut reverse: HashMap<String, Vec<String>> = HashMap::new();
+        let reverse_name = |ip: &Ipv4Addr| {
+            let [a, b, c, d] = ip.octets();
+            format!("{d}.{c}.{b}.{a}.in-addr.arpa")
+        };
         for service in services {
             let (Some(name), Some(namespace), Some(spec)) =
                 (&service.metadata.name, &service.metadata.namespace, &service.spec)
@@ -121,6 +132,7 @@ impl Zone {
             if cluster_ip != "None" {
                 let Ok(ip) = cluster_ip.parse() else { continue };
                 records.entry(base.clone()).or_default().push(Data::A(ip));
+                reverse.entry(reverse_name(&ip)).or_default().push(base.clone());
                 for port in spec.ports.iter().flatten() {
                     let Some(port_name) = port.name.as_deref().filter(|n| !n.is_empty()) else {
                         continue;
@@ -157,6 +169,7 @@ impl Zone {
                         let own_name = format!("{label}.{base}").to_lowercase();
                         records.entry(base.clone()).or_default().push(Data::A(ip));
                         records.entry(own_name.clone()).or_default().push(Data::A(ip));
+                        reverse.entry(reverse_name(&ip)).or_default().push(own_name.clone());
                         for port in slice.ports.iter().flatten() {
                             let (Some(port_name), Some(number)) =
                                 (port.name.as_deref().filter(|n| !n.is_empty()), port.port)
@@ -194,10 +207,15 @@ impl Zone {
                 rest = parent;
             }
         }
+        for names in reverse.values_mut() {
+            names.sort();
+            names.dedup();
+        }
         Zone {
             domain,
             records,
             interior,
+            reverse,
         }
     }
 
@@ -206,6 +224,21 @@ impl Zone {
     }
 
     pub fn lookup(&self, name: &str, qtype: u16) -> Lookup {
+        if let Some(names) = self.reverse.get(name) {
+            return match qtype {
+                TYPE_PTR | TYPE_ANY => Lookup::Answer {
+                    answers: names
+                        .iter()
+                        .map(|target| Record {
+                            name: name.to_string(),
+                            data: Data::Ptr(target.clone()),
+                        })
+                        .collect(),
+                    additional: Vec::new(),
+                },
+                _ => Lookup::NoData,
+            };
+        }
         if !self.in_domain(name) {
             return Lookup::Elsewhere;
         }
@@ -325,7 +358,7 @@ fn put_record(out: &mut Vec<u8>, record: &Record, question: &str) {
     out.extend_from_slice(&[0, 0]);
     match &record.data {
         Data::A(ip) => out.extend_from_slice(&ip.octets()),
-        Data::Cname(target) => put_name(out, target, ""),
+        Data::Cname(target) | Data::Ptr(target) => put_name(out, target, ""),
         Data::Srv {
             priority,
             weight,
@@ -641,6 +674,19 @@ mod tests {
         assert_eq!(z.lookup("prod.svc.cluster.local", TYPE_A), Lookup::NoData);
         assert_eq!(z.lookup("svc.cluster.local", TYPE_A), Lookup::NoData);
         assert_eq!(z.lookup("example.org", TYPE_A), Lookup::Elsewhere);
+        // Reverse: ClusterIPs to their Service, headless endpoints to their own names; others relayed.
+        assert!(matches!(
+            z.lookup("5.0.96.10.in-addr.arpa", TYPE_PTR),
+            Lookup::Answer { answers, .. } if answers[0].data == Data::Ptr(web.into())
+        ));
+        assert!(matches!(
+            z.lookup("7.0.88.10.in-addr.arpa", TYPE_PTR),
+            Lookup::Answer { answers, .. } if answers == vec![Record {
+                name: "7.0.88.10.in-addr.arpa".into(),
+                data: Data::Ptr("db-0.db.prod.svc.cluster.local".into()),
+            }]
+        ));
+        assert_eq!(z.lookup("9.0.88.10.in-addr.arpa", TYPE_PTR), Lookup::Elsewhere);
     }
 
     #[test]
