@@ -32,8 +32,31 @@ spec:
         image: {image}
         command: [sh, -c, 'mkdir -p /www && hostname > /www/index.html && echo serving $(hostname) && exec httpd -f -p 8080 -h /www']
         resources: {{requests: {{cpu: 100m}}}}
+---
+apiVersion: v1
+kind: Service
+metadata: {{name: web}}
+spec:
+  selector: {{app: web}}
+  ports: [{{port: 80, targetPort: 8080}}]
 "
     )
+}
+
+/// GET / from the host on a new connection: the answering pod's name, or why not.
+fn get(address: &str) -> Result<String, String> {
+    use std::io::{Read, Write};
+    let mut stream = std::net::TcpStream::connect_timeout(&address.parse().unwrap(), Duration::from_secs(3))
+        .map_err(|e| e.to_string())?;
+    stream.set_read_timeout(Some(Duration::from_secs(3))).unwrap();
+    stream.write_all(b"GET / HTTP/1.0\r\n\r\n").map_err(|e| e.to_string())?;
+    let mut response = String::new();
+    stream.read_to_string(&mut response).map_err(|e| e.to_string())?;
+    response
+        .split("\r\n\r\n")
+        .nth(1)
+        .map(|b| b.trim().to_string())
+        .ok_or_else(|| format!("no body in {response:?}"))
 }
 
 fn http_from(c: &Cluster, pod: &str, ip: &str) -> String {
@@ -73,8 +96,12 @@ fn three_nodes_spread_talk_and_fail_over() {
             registry
         });
     let image = format!("{}/test/busybox:latest", registry.host());
+    // A service range of this test's own: clusters of other tests program theirs.
+    let cidr = format!("10.{}.{}.0/24", 150 + std::process::id() % 50, std::process::id() % 250);
     let c = Cluster::start_with(
         &[
+            "--service-cidr",
+            &cidr,
             "--nodes",
             "3",
             "--node-name",
@@ -129,6 +156,20 @@ fn three_nodes_spread_talk_and_fail_over() {
     assert!(http_from(&c, &third, &second_ip).contains(&second));
     assert!(http_from(&c, &first, &third_ip).contains(&third));
 
+    // The Service spreads over the three nodes' pods.
+    let service = format!(
+        "{}:80",
+        c.ok(&["get", "svc", "web", "-o", "jsonpath={.spec.clusterIP}"])
+    );
+    let mut seen = std::collections::BTreeSet::new();
+    let deadline = Instant::now() + WAIT;
+    while seen.len() < 3 {
+        if let Ok(name) = get(&service) {
+            seen.insert(name);
+        }
+        assert!(Instant::now() < deadline, "{service} reached only {seen:?}");
+    }
+
     // alpha-3 dies: NotReady after the grace period, its pod evicted.
     let pid: i32 = std::fs::read_to_string(c.data_dir().join("nodes/alpha-3/up.pid"))
         .unwrap()
@@ -157,8 +198,20 @@ fn three_nodes_spread_talk_and_fail_over() {
             == 3
     });
     eprintln!("node death → replacement running elsewhere: {:?}", died.elapsed());
-    // The others keep serving.
+    // The others keep serving, and the Service answers from live pods only.
     assert!(http_from(&c, &first, &second_ip).contains(&second));
+    let deadline = Instant::now() + WAIT;
+    let mut answered = 0;
+    while answered < 20 {
+        match get(&service) {
+            Ok(name) if name != third => answered += 1,
+            _ => answered = 0,
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{service} kept failing or answering from {third}"
+        );
+    }
 
     // drain: alpha is cordoned and its replica evicted, to come back on alpha-2 (alpha-3 is dead).
     let out = c.ok(&["drain", "alpha", "--ignore-daemonsets", "--timeout=60s"]);
