@@ -181,6 +181,19 @@ impl VmBackend {
         }
     }
 
+    /// `podvisor-vm-helper` next to this binary (no libvirt linked: a smaller resident helper), else
+    /// this binary's `vm-helper` subcommand.
+    fn helper_command(&self) -> Command {
+        let standalone = self.exe.with_file_name("podvisor-vm-helper");
+        if standalone.is_file() {
+            Command::new(standalone)
+        } else {
+            let mut command = Command::new(&self.exe);
+            command.arg("vm-helper");
+            command
+        }
+    }
+
     pub fn dir(&self) -> &Path {
         &self.dir
     }
@@ -412,7 +425,7 @@ impl VmBackend {
         }
     }
 
-    /// Starts `podvisor vm-helper` in a session of its own and waits until it
+    /// Starts the VM's helper in a session of its own and waits until it
     /// relays the console.
     pub fn spawn_helper(&self, vm: &mut VmContainer) -> Result<(), VmError> {
         let config_path = vm.dir.join("helper.json");
@@ -425,9 +438,8 @@ impl VmBackend {
             .append(true)
             .open(vm.dir.join("helper.log"))
             .map_err(VmError::io("opening helper log"))?;
-        let mut command = Command::new(&self.exe);
+        let mut command = self.helper_command();
         command
-            .arg("vm-helper")
             .arg(&config_path)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
