@@ -127,6 +127,10 @@ enum Command {
         /// Key prefix of this cluster's objects in etcd.
         #[arg(long, default_value = podvisor::cluster::store::etcd_store::DEFAULT_PREFIX, requires = "store")]
         store_prefix: String,
+        /// With --nodes: each extra node's network namespace is linked to the host by a /30 from this range
+        /// (its address there is the node's InternalIP).
+        #[arg(long, default_value = podvisor::cluster::up::DEFAULT_NODE_LINK_CIDR)]
+        node_link_cidr: ipnet::Ipv4Net,
         /// Stay in the foreground instead of returning once the cluster is up.
         #[arg(long)]
         foreground: bool,
@@ -172,6 +176,13 @@ enum Command {
         /// Leave Services to the proxy already serving this machine's network (another node here).
         #[arg(long)]
         no_service_proxy: bool,
+        /// Give the node a network namespace of its own (under /run/netns), linked to the host by
+        /// --netns-link; `up --nodes` does this for its extra nodes.
+        #[arg(long, requires = "netns_link")]
+        netns: Option<String>,
+        /// The /30 between the host (first address) and the node's namespace (second: the node's address).
+        #[arg(long, requires = "netns")]
+        netns_link: Option<ipnet::Ipv4Net>,
         /// Use this CRI runtime instead of starting podvisor's own daemon.
         #[arg(long)]
         runtime_endpoint: Option<String>,
@@ -289,6 +300,7 @@ fn up_options(command: &Command) -> Option<podvisor::cluster::up::UpOptions> {
         service_cidr,
         store,
         store_prefix,
+        node_link_cidr,
         ..
     } = command
     else {
@@ -336,10 +348,12 @@ fn up_options(command: &Command) -> Option<podvisor::cluster::up::UpOptions> {
             },
             None => podvisor::cluster::up::StoreLocation::Embedded,
         },
+        node_network: None,
+        node_link_cidr: *node_link_cidr,
     })
 }
 
-fn join_options(command: &Command) -> Option<podvisor::cluster::up::UpOptions> {
+fn join_options(command: &Command) -> Option<anyhow::Result<podvisor::cluster::up::UpOptions>> {
     let Command::Join {
         kubeconfig,
         server,
@@ -355,6 +369,8 @@ fn join_options(command: &Command) -> Option<podvisor::cluster::up::UpOptions> {
         node_lease_duration_seconds,
         cluster_dns,
         no_service_proxy,
+        netns,
+        netns_link,
         runtime_endpoint,
         listen,
         root,
@@ -373,41 +389,50 @@ fn join_options(command: &Command) -> Option<podvisor::cluster::up::UpOptions> {
         },
         _ => unreachable!("clap requires --kubeconfig or --server, --token and --ca-cert-hash"),
     };
-    Some(podvisor::cluster::up::UpOptions {
-        data_dir: data_dir.clone(),
-        kubeconfig: kubeconfig.clone().unwrap_or_else(|| data_dir.join("kubeconfig")),
-        api_address: podvisor::cluster::up::DEFAULT_API_ADDRESS
-            .parse()
-            .expect("a socket address"),
-        runtime_endpoint: runtime_endpoint.clone(),
-        daemon: DaemonOptions {
-            listen: listen.clone(),
-            root: root.clone(),
-            state: state.clone(),
-            config_explicit: config.is_some(),
-            config_path: config.clone().unwrap_or_else(|| PathBuf::from(DEFAULT_CONFIG_PATH)),
-        },
-        node_name: node_name.clone().unwrap_or_else(podvisor::cluster::up::node_name),
-        scheduler_strategy: Default::default(),
-        controllers: Default::default(),
-        kubelet_port: *kubelet_port,
-        control_plane_only: false,
-        pod_log_dir: pod_log_dir.clone(),
-        log_rotation: podvisor::cluster::agent::logrotate::LogRotation {
-            max_size: *container_log_max_size,
-            max_files: *container_log_max_files as usize,
-            interval: *container_log_monitor_interval,
-        },
-        join: Some(target),
-        nodes: 1,
-        node_lease_duration: std::time::Duration::from_secs(*node_lease_duration_seconds),
-        service_cidr: podvisor::cluster::apiserver::DEFAULT_SERVICE_CIDR
-            .parse()
-            .expect("a CIDR"),
-        cluster_dns: cluster_dns.map(|ip| ip.to_string()),
-        service_proxy: !no_service_proxy,
-        store: Default::default(),
-    })
+    let node_network = match (netns, netns_link) {
+        (Some(name), Some(link)) => Some(podvisor::cluster::nodenet::NodeNetwork::new(name, *link)),
+        _ => None,
+    }
+    .transpose();
+    Some(node_network.map(|node_network| {
+        podvisor::cluster::up::UpOptions {
+            data_dir: data_dir.clone(),
+            kubeconfig: kubeconfig.clone().unwrap_or_else(|| data_dir.join("kubeconfig")),
+            api_address: podvisor::cluster::up::DEFAULT_API_ADDRESS
+                .parse()
+                .expect("a socket address"),
+            runtime_endpoint: runtime_endpoint.clone(),
+            daemon: DaemonOptions {
+                listen: listen.clone(),
+                root: root.clone(),
+                state: state.clone(),
+                config_explicit: config.is_some(),
+                config_path: config.clone().unwrap_or_else(|| PathBuf::from(DEFAULT_CONFIG_PATH)),
+            },
+            node_name: node_name.clone().unwrap_or_else(podvisor::cluster::up::node_name),
+            scheduler_strategy: Default::default(),
+            controllers: Default::default(),
+            kubelet_port: *kubelet_port,
+            control_plane_only: false,
+            pod_log_dir: pod_log_dir.clone(),
+            log_rotation: podvisor::cluster::agent::logrotate::LogRotation {
+                max_size: *container_log_max_size,
+                max_files: *container_log_max_files as usize,
+                interval: *container_log_monitor_interval,
+            },
+            join: Some(target),
+            nodes: 1,
+            node_lease_duration: std::time::Duration::from_secs(*node_lease_duration_seconds),
+            service_cidr: podvisor::cluster::apiserver::DEFAULT_SERVICE_CIDR
+                .parse()
+                .expect("a CIDR"),
+            cluster_dns: cluster_dns.map(|ip| ip.to_string()),
+            service_proxy: !no_service_proxy,
+            store: Default::default(),
+            node_network,
+            node_link_cidr: podvisor::cluster::up::DEFAULT_NODE_LINK_CIDR.parse().expect("a CIDR"),
+        }
+    }))
 }
 
 /// Re-runs this command line with `--foreground` in the background.
@@ -450,7 +475,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 podvisor::cluster::up::run_foreground(options, shutdown_signal()).await
             }
             command @ Command::Join { .. } => {
-                let options = join_options(&command).expect("a join command");
+                let options = join_options(&command).expect("a join command")?;
                 podvisor::cluster::up::run_foreground(options, shutdown_signal()).await
             }
             Command::Down { .. } => unreachable!("handled before the runtime starts"),

@@ -98,10 +98,14 @@ fn three_nodes_spread_talk_and_fail_over() {
     let image = format!("{}/test/busybox:latest", registry.host());
     // A service range of this test's own: clusters of other tests program theirs.
     let cidr = format!("10.{}.{}.0/24", 150 + std::process::id() % 50, std::process::id() % 250);
+    // The extra nodes' links to the host, also this test's own.
+    let links = format!("10.87.{}.0/28", std::process::id() % 250);
     let c = Cluster::start_with(
         &[
             "--service-cidr",
             &cidr,
+            "--node-link-cidr",
+            &links,
             "--nodes",
             "3",
             "--node-name",
@@ -120,6 +124,77 @@ fn three_nodes_spread_talk_and_fail_over() {
         o.split_whitespace().filter(|n| n.ends_with("=True")).count() == 3
     });
     assert_eq!(nodes.trim(), "alpha=True alpha-2=True alpha-3=True");
+
+    // Each extra node has a network namespace of its own: its address is its end of
+    // the link to the host, and its pod bridge is in there, not on the host.
+    let address =
+        "jsonpath={range .items[*]}{.metadata.name}={.status.addresses[?(@.type==\"InternalIP\")].address} {end}";
+    let addresses = c.ok(&["get", "nodes", "-o", address]);
+    let link_base = links.trim_end_matches(".0/28");
+    let (ip2, ip3) = (format!("{link_base}.2"), format!("{link_base}.6"));
+    assert!(
+        addresses.contains(&format!("alpha-2={ip2} ")) && addresses.contains(&format!("alpha-3={ip3} ")),
+        "{addresses}"
+    );
+    let nodes_dir = c.data_dir().join("nodes");
+    let node_file = |node: &str, file: &str| std::fs::read_to_string(nodes_dir.join(node).join(file)).unwrap();
+    let netns2 = node_file("alpha-2", "network")
+        .lines()
+        .next()
+        .unwrap()
+        .strip_prefix("netns ")
+        .unwrap()
+        .to_string();
+    let bridge2 = node_file("alpha-2", "config.toml")
+        .lines()
+        .find_map(|l| {
+            Some(
+                l.trim()
+                    .strip_prefix("bridge")?
+                    .trim()
+                    .strip_prefix('=')?
+                    .trim()
+                    .trim_matches('"')
+                    .to_string(),
+            )
+        })
+        .unwrap();
+    let in_netns = std::process::Command::new("ip")
+        .args(["-n", &netns2, "-o", "link", "show", "type", "bridge"])
+        .output()
+        .unwrap();
+    assert!(String::from_utf8_lossy(&in_netns.stdout).contains(&bridge2));
+    assert!(!std::path::Path::new("/sys/class/net").join(&bridge2).exists());
+
+    // So the same hostPort serves on two nodes, each at its own address.
+    for node in ["alpha-2", "alpha-3"] {
+        let pod = format!(
+            "apiVersion: v1
+kind: Pod
+metadata: {{name: hp-{node}}}
+spec:
+  nodeName: {node}
+  terminationGracePeriodSeconds: 0
+  containers:
+  - name: web
+    image: {image}
+    command: [sh, -c, 'mkdir -p /www && hostname > /www/index.html && exec httpd -f -p 8080 -h /www']
+    ports: [{{containerPort: 8080, hostPort: 18080}}]
+"
+        );
+        c.ok(&["apply", "-f", &c.file(&format!("hp-{node}.yaml"), &pod)]);
+    }
+    for (node, ip) in [("alpha-2", &ip2), ("alpha-3", &ip3)] {
+        let deadline = Instant::now() + WAIT;
+        loop {
+            match get(&format!("{ip}:18080")) {
+                Ok(name) if name == format!("hp-{node}") => break,
+                other => assert!(Instant::now() < deadline, "{ip}:18080: {other:?}"),
+            }
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+    c.ok(&["delete", "pod", "hp-alpha-2", "hp-alpha-3", "--wait=false"]);
 
     // Spread: equal requests on equal nodes put one replica on each.
     let file = c.file("web.yaml", &deployment(&image));
@@ -260,6 +335,16 @@ fn three_nodes_spread_talk_and_fail_over() {
         common::cri::processes_mentioning(&monitors).is_empty(),
         "alpha-2's containers outlived down"
     );
+    // ... and their network namespaces and links.
+    assert!(!std::path::Path::new("/run/netns").join(&netns2).exists());
+    let host_link2 = node_file("alpha-2", "network")
+        .lines()
+        .nth(1)
+        .unwrap()
+        .strip_prefix("host_link ")
+        .unwrap()
+        .to_string();
+    assert!(!std::path::Path::new("/sys/class/net").join(host_link2).exists());
 }
 
 /// `podvisor join --server --token --ca-cert-hash`, as printed by `up`: the CA

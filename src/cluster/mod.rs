@@ -10,6 +10,7 @@ pub mod dns;
 pub mod events;
 pub mod forward;
 pub mod informer;
+pub mod nodenet;
 pub mod nodes;
 pub mod proxy;
 pub mod scheduler;

@@ -1,9 +1,10 @@
 //! `podvisor up --nodes N`: N-1 more nodes on this machine, each a
 //! `podvisor join` process with its own CRI daemon (root, state, socket) and
 //! its own built-in pod network (bridge, subnet, NAT table), joined to the
-//! cluster through the kubeconfig `up` wrote. They share the host's network
-//! namespace: pods reach each other across nodes by pod IP through the host's
-//! routing, and hostPorts of two nodes must not collide.
+//! cluster through the kubeconfig `up` wrote. Each has a network namespace of
+//! its own (see [`super::nodenet`]) holding its pod bridge, hostPorts, agent
+//! listener and service proxy; its InternalIP is its end of the link to the
+//! host, where the first node's route controller routes its pod subnet.
 //!
 //! A node process outlives a `kill -9` of `up`, as containers do; `up` adopts
 //! it again at its next start. Stopping `up` stops them; `down` also has them
@@ -31,6 +32,29 @@ struct LocalNode {
 /// The name of the `index`-th extra node (2, 3, ...).
 pub fn node_name(first: &str, index: usize) -> String {
     format!("{first}-{index}")
+}
+
+/// The network namespace and host link of the `index`-th extra node: a name
+/// unique to this cluster's data directory, the `index-2`-th /30 of `cidr` (the first extra node has index 2).
+pub fn node_network(
+    data_dir: &Path,
+    cidr: ipnet::Ipv4Net,
+    index: usize,
+) -> anyhow::Result<super::nodenet::NodeNetwork> {
+    let start = u64::from(u32::from(cidr.network())) + 4 * (index as u64 - 2);
+    anyhow::ensure!(
+        start + 4 <= u64::from(u32::from(cidr.broadcast())) + 1,
+        "--node-link-cidr {cidr} has no room for node {index}'s /30"
+    );
+    let hash = data_dir
+        .as_os_str()
+        .as_encoded_bytes()
+        .iter()
+        .fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
+            (h ^ u64::from(*b)).wrapping_mul(0x100_0000_01b3)
+        });
+    let link = ipnet::Ipv4Net::new(std::net::Ipv4Addr::from(start as u32), 30)?;
+    super::nodenet::NodeNetwork::new(&format!("podvisor-{:08x}-n{index}", hash as u32), link)
 }
 
 /// The network section of the `index`-th extra node: the next blocks after the
@@ -110,6 +134,17 @@ impl LocalNodes {
             }
             let config = dir.join("config.toml");
             std::fs::write(&config, node_config(options, index)?)?;
+            let network = node_network(&options.data_dir, options.node_link_cidr, index)?;
+            // What cleanup needs when the node process is gone.
+            std::fs::write(
+                dir.join("network"),
+                format!(
+                    "netns {}\nhost_link {}\ntable {}\n",
+                    network.netns,
+                    network.host_link(),
+                    network.table()
+                ),
+            )?;
             let log = std::fs::OpenOptions::new()
                 .create(true)
                 .append(true)
@@ -140,7 +175,9 @@ impl LocalNodes {
                         .iter()
                         .flat_map(|ip| ["--cluster-dns".to_string(), ip.clone()]),
                 )
-                .arg("--no-service-proxy")
+                .args(["--netns", &network.netns])
+                .arg("--netns-link")
+                .arg(network.link.to_string())
                 .arg("--container-log-max-size")
                 .arg(options.log_rotation.max_size.to_string())
                 .arg("--container-log-max-files")
@@ -203,6 +240,20 @@ impl LocalNodes {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn extra_nodes_take_the_next_links() {
+        let cidr = "10.87.0.0/29".parse().unwrap();
+        let second = node_network(Path::new("/a"), cidr, 2).unwrap();
+        let third = node_network(Path::new("/a"), cidr, 3).unwrap();
+        assert_eq!(
+            (second.link.to_string(), third.link.to_string()),
+            ("10.87.0.0/30".into(), "10.87.0.4/30".into())
+        );
+        assert_ne!(second.netns, third.netns);
+        assert_ne!(second.netns, node_network(Path::new("/b"), cidr, 2).unwrap().netns);
+        assert!(node_network(Path::new("/a"), cidr, 4).is_err());
+    }
 
     #[test]
     fn extra_nodes_take_the_next_subnets() {

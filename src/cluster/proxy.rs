@@ -230,7 +230,9 @@ pub fn ruleset(table: &str, ports: &[ServicePort], exists: bool) -> String {
 
 async fn nft(args: &[&str], input: Option<&str>) -> Result<(), String> {
     use tokio::io::AsyncWriteExt;
-    let mut child = tokio::process::Command::new("nft")
+    let mut command = tokio::process::Command::new("nft");
+    crate::sys::netns::enter_node(&mut command).map_err(|e| format!("running nft: {e}"))?;
+    let mut child = command
         .args(args)
         .stdin(if input.is_some() {
             std::process::Stdio::piped()

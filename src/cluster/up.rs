@@ -68,7 +68,14 @@ pub struct UpOptions {
     pub store: StoreLocation,
     /// Run the service proxy (one per network namespace).
     pub service_proxy: bool,
+    /// A joining node's own network namespace on this machine (`up --nodes`).
+    pub node_network: Option<super::nodenet::NodeNetwork>,
+    /// Where `up --nodes` takes the extra nodes' links to the host from (a /30 each).
+    pub node_link_cidr: ipnet::Ipv4Net,
 }
+
+/// The default range of the extra local nodes' host links.
+pub const DEFAULT_NODE_LINK_CIDR: &str = "10.87.0.0/24";
 
 /// The object store behind the API server.
 #[derive(Clone, Debug, Default)]
@@ -247,6 +254,13 @@ pub async fn run_foreground(mut options: UpOptions, shutdown: impl Future<Output
     let _ = std::fs::remove_file(options.data_dir.join(DOWN_FILE));
     std::fs::write(options.data_dir.join(PID_FILE), std::process::id().to_string())?;
 
+    if let Some(network) = &options.node_network {
+        let path = network
+            .ensure()
+            .await
+            .with_context(|| format!("setting up network namespace {}", network.netns))?;
+        crate::sys::netns::set_node(path)?;
+    }
     let (stop_daemon, daemon_stopped) = tokio::sync::oneshot::channel::<()>();
     let daemon = match &options.runtime_endpoint {
         _ if options.control_plane_only => None,
@@ -393,6 +407,9 @@ pub async fn run_foreground(mut options: UpOptions, shutdown: impl Future<Output
         task.await
             .context("the CRI daemon task")?
             .map_err(|err| anyhow::anyhow!(crate::error_chain(&err)))?;
+    }
+    if let (Some(network), true) = (&options.node_network, remove_pods) {
+        network.remove().await;
     }
     let _ = std::fs::remove_file(options.data_dir.join(PID_FILE));
     let _ = std::fs::remove_file(options.data_dir.join(DOWN_FILE));

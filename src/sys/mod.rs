@@ -3,3 +3,4 @@
 pub mod fs;
 pub mod lock;
 pub mod memory;
+pub mod netns;

@@ -217,7 +217,13 @@ impl Cluster {
     /// short-lived `podvisor daemon` on the same directories does it.
     fn remove_pods(&self) {
         let path = |p: &str| self.dir.path().join(p);
-        remove_pods_of(&self.endpoint(), &path("root"), &path("state"), &path("config.toml"));
+        remove_pods_of(
+            &self.endpoint(),
+            &path("root"),
+            &path("state"),
+            &path("config.toml"),
+            None,
+        );
     }
 
     /// The extra nodes of `--nodes N` (`podvisor join` processes): killed, their
@@ -242,7 +248,37 @@ impl Cluster {
             let sibling = |p: &str| self.dir.path().join(format!("{p}-{name}"));
             let config = dir.join("config.toml");
             let endpoint = format!("unix://{}", dir.join("cri.sock").display());
-            remove_pods_of(&endpoint, &sibling("root"), &sibling("state"), &config);
+            // The node's namespace, link and host table (`network` file, written by `up`).
+            let network = std::fs::read_to_string(dir.join("network")).unwrap_or_default();
+            let field = |key: &str| {
+                network
+                    .lines()
+                    .find_map(|l| l.strip_prefix(key)?.strip_prefix(' ').map(str::to_string))
+            };
+            let netns = field("netns").filter(|ns| std::path::Path::new("/run/netns").join(ns).exists());
+            remove_pods_of(
+                &endpoint,
+                &sibling("root"),
+                &sibling("state"),
+                &config,
+                netns.as_deref(),
+            );
+            let quiet = |program: &str, args: &[&str]| {
+                let _ = Command::new(program)
+                    .args(args)
+                    .stdout(Stdio::null())
+                    .stderr(Stdio::null())
+                    .status();
+            };
+            if let Some(ns) = &netns {
+                quiet("ip", &["netns", "del", ns]);
+            }
+            if let Some(link) = field("host_link") {
+                quiet("ip", &["link", "del", &link]);
+            }
+            if let Some(table) = field("table") {
+                quiet("nft", &["delete", "table", "ip", &table]);
+            }
             let text = std::fs::read_to_string(&config).unwrap_or_default();
             let value = |key: &str| {
                 text.lines()
@@ -261,11 +297,26 @@ impl Cluster {
 }
 
 /// Removes every pod sandbox of a CRI daemon whose process is gone, through a short-lived daemon on its directories.
-fn remove_pods_of(endpoint: &str, root: &std::path::Path, state: &std::path::Path, config: &std::path::Path) {
+/// `netns`: the node's own network namespace, where its daemon's network lives.
+fn remove_pods_of(
+    endpoint: &str,
+    root: &std::path::Path,
+    state: &std::path::Path,
+    config: &std::path::Path,
+    netns: Option<&str>,
+) {
     let socket = std::path::Path::new(endpoint.trim_start_matches("unix://"));
     // A dead daemon's socket file stays: the new daemon's socket is awaited below.
     let _ = std::fs::remove_file(socket);
-    let Ok(mut daemon) = Command::new(env!("CARGO_BIN_EXE_podvisor"))
+    let mut command = match netns {
+        Some(ns) => {
+            let mut command = Command::new("ip");
+            command.args(["netns", "exec", ns, env!("CARGO_BIN_EXE_podvisor")]);
+            command
+        }
+        None => Command::new(env!("CARGO_BIN_EXE_podvisor")),
+    };
+    let Ok(mut daemon) = command
         .arg("daemon")
         .args(["--listen", endpoint])
         .arg("--root")

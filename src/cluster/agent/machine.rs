@@ -47,7 +47,8 @@ pub fn filesystem_bytes(path: &Path) -> u64 {
         .unwrap_or(0)
 }
 
-/// The source address of the default route (no packet is sent), else loopback.
+/// The source address of the default route (no packet is sent), else loopback;
+/// in the node's network namespace when it has one.
 pub fn primary_ipv4() -> Ipv4Addr {
     let probe = || -> std::io::Result<Ipv4Addr> {
         let socket = UdpSocket::bind("0.0.0.0:0")?;
@@ -57,7 +58,7 @@ pub fn primary_ipv4() -> Ipv4Addr {
             std::net::IpAddr::V6(_) => Err(std::io::ErrorKind::Unsupported.into()),
         }
     };
-    probe().unwrap_or(Ipv4Addr::LOCALHOST)
+    crate::sys::netns::run_in_node(probe).unwrap_or(Ipv4Addr::LOCALHOST)
 }
 
 pub fn hostname() -> String {

@@ -202,7 +202,10 @@ async fn run(client: Client, options: AgentOptions, workers: Workers) {
     informer.wait_synced().await;
     let _watcher = AbortOnDrop(tokio::spawn(watch_runtime(ctx.clone())));
     let _log_rotation = AbortOnDrop(tokio::spawn(logrotate::run(ctx.clone())));
-    let _routes = AbortOnDrop(tokio::spawn(routes::run(ctx.clone())));
+    // A node in a network namespace of its own leaves routing to the host (its default route).
+    let _routes = crate::sys::netns::node()
+        .is_none()
+        .then(|| AbortOnDrop(tokio::spawn(routes::run(ctx.clone()))));
     let known: Vec<String> = informer.list().iter().filter_map(|p| p.metadata.uid.clone()).collect();
     tokio::spawn(teardown::remove_orphans(ctx.clone(), known));
     reconcile(&ctx, &informer.list());

@@ -26,7 +26,6 @@ use hyper::body::Incoming;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use rustls::pki_types::ServerName;
-use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::Channel;
@@ -60,7 +59,7 @@ pub struct AgentServerConfig {
 
 /// Binds `config.listen` and serves until the returned task is aborted.
 pub async fn serve(config: AgentServerConfig) -> anyhow::Result<(SocketAddr, JoinHandle<()>)> {
-    let listener = TcpListener::bind(config.listen).await?;
+    let listener = crate::sys::netns::bind_tcp(config.listen).await?;
     let addr = listener.local_addr()?;
     let acceptor = config.tls.clone().map(tokio_rustls::TlsAcceptor::from);
     let agent = Arc::new(Agent {

@@ -102,6 +102,18 @@ impl Netlink {
         })
     }
 
+    /// A connection to the node's network namespace (see [`crate::sys::netns`]).
+    pub(super) async fn node() -> Result<Netlink> {
+        let Some(path) = crate::sys::netns::node() else {
+            return Netlink::host();
+        };
+        let file = File::open(path).map_err(|source| NetError::Netns {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        Netlink::in_netns(&file, path).await
+    }
+
     /// A connection to the network namespace `netns` (an open nsfs file, named `path`).
     pub(super) async fn in_netns(netns: &File, path: &Path) -> Result<Netlink> {
         let ns_err = |source| NetError::Netns {

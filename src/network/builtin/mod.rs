@@ -277,7 +277,7 @@ impl BuiltinNetwork {
     /// re-apply it). Idempotent and cheap; [`attach`](Self::attach) does the same itself.
     pub async fn ensure_ready(&self) -> Result<()> {
         let nat = self.nat().await?;
-        let host = Netlink::host()?;
+        let host = Netlink::node().await?;
         self.ensure_host(&host).await?;
         self.apply_nat(nat, &[], "").await
     }
@@ -286,7 +286,7 @@ impl BuiltinNetwork {
     /// NAT ruleset is intact.
     pub async fn is_ready(&self) -> Result<(), String> {
         let nat = self.nat().await.map_err(|e| error_chain(&e))?;
-        let host = Netlink::host().map_err(|e| error_chain(&e))?;
+        let host = Netlink::node().await.map_err(|e| error_chain(&e))?;
         match host.link_by_name(&self.cfg.bridge).await {
             Ok(Some(link)) if link.up => {}
             Ok(Some(_)) => return Err(format!("bridge {} is down", self.cfg.bridge)),
@@ -317,7 +317,7 @@ impl BuiltinNetwork {
             source,
         })?;
         let nat = self.nat().await?;
-        let host = Netlink::host()?;
+        let host = Netlink::node().await?;
         let bridge = self.ensure_host(&host).await?;
 
         // Whatever an earlier attempt for this sandbox left is replaced (its veth takes the
@@ -391,7 +391,7 @@ impl BuiltinNetwork {
         netns: Option<&Path>,
         attachment: Option<&Attachment>,
     ) -> Result<()> {
-        let host = Netlink::host()?;
+        let host = Netlink::node().await?;
         let mut names = vec![Self::host_veth_name(sandbox_id)];
         if let Some(a) = attachment
             && !names.contains(&a.host_veth)
@@ -414,7 +414,7 @@ impl BuiltinNetwork {
     /// Removes everything: the pods' veths, the bridge, our NAT table/chains and the state
     /// directory. For tests and uninstall.
     pub async fn teardown_all(&self) -> Result<()> {
-        let host = Netlink::host()?;
+        let host = Netlink::node().await?;
         if let Some(bridge) = host.link_by_name(&self.cfg.bridge).await? {
             for port in host.ports_of(bridge.index).await? {
                 host.delete_link(port).await?;
@@ -477,11 +477,14 @@ impl BuiltinNetwork {
         let bridge = host
             .ensure_bridge(&self.cfg.bridge, self.cfg.mtu, mac_for(self.gateway_v4), &addrs)
             .await?;
-        sysctl::ensure("net/ipv4/ip_forward", "1")?;
-        sysctl::ensure(&format!("net/ipv4/conf/{}/route_localnet", self.cfg.bridge), "1")?;
+        let mut settings = vec![
+            ("net/ipv4/ip_forward".to_string(), "1"),
+            (format!("net/ipv4/conf/{}/route_localnet", self.cfg.bridge), "1"),
+        ];
         if self.cfg.subnet_v6.is_some() {
-            sysctl::ensure("net/ipv6/conf/all/forwarding", "1")?;
+            settings.push(("net/ipv6/conf/all/forwarding".to_string(), "1"));
         }
+        sysctl::ensure_in_node(&settings)?;
         Ok(bridge)
     }
 

@@ -504,7 +504,9 @@ async fn ipt_restore(fam: &IptFamily, lines: &str) -> Result<(), String> {
 /// Runs a command, feeding it `input`; its stdout, or an error naming it with its stderr.
 async fn run(program: &str, args: &[&str], input: Option<&str>) -> Result<String, String> {
     let shown = || format!("{program} {}", args.join(" "));
-    let mut child = tokio::process::Command::new(program)
+    let mut command = tokio::process::Command::new(program);
+    crate::sys::netns::enter_node(&mut command).map_err(|e| format!("cannot run {}: {e}", shown()))?;
+    let mut child = command
         .args(args)
         .stdin(if input.is_some() { Stdio::piped() } else { Stdio::null() })
         .stdout(Stdio::piped())

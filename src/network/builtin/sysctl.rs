@@ -17,3 +17,17 @@ pub(super) fn ensure(key: &str, value: &str) -> Result<()> {
     }
     fs::write(&path, value).map_err(io_err)
 }
+
+/// Sets each `(key, value)` in the node's network namespace (see [`crate::sys::netns`]).
+pub(super) fn ensure_in_node(settings: &[(String, &str)]) -> Result<()> {
+    let mut outcome = Ok(());
+    let ran = crate::sys::netns::run_in_node(|| {
+        outcome = settings.iter().try_for_each(|(key, value)| ensure(key, value));
+        Ok(())
+    });
+    ran.map_err(|source| NetError::Io {
+        op: "entering the node network namespace".into(),
+        source,
+    })?;
+    outcome
+}

@@ -102,6 +102,8 @@ impl CniRuntime {
             command: inv.command,
             source,
         };
+        // Host-side interfaces go to the node's network namespace.
+        crate::sys::netns::enter_node(&mut command).map_err(spawn_error)?;
         // A plugin binary being installed (or written by a process that just
         // forked) is briefly busy for exec: retry that for a moment.
         let mut attempts = 0;
