@@ -125,10 +125,10 @@ impl NodeNetwork {
     /// Removes the link, the host's rules and the namespace (with all it holds).
     pub async fn remove(&self) {
         let host_link = self.host_link();
-        if std::path::Path::new("/sys/class/net").join(&host_link).exists() {
-            if let Err(e) = ip(&["link", "del", &host_link]).await {
-                tracing::warn!(error = %e, "removing the node link");
-            }
+        if std::path::Path::new("/sys/class/net").join(&host_link).exists()
+            && let Err(e) = ip(&["link", "del", &host_link]).await
+        {
+            tracing::warn!(error = %e, "removing the node link");
         }
         let table = self.table();
         let _ = nft(&format!("add table ip {table}\ndelete table ip {table}\n")).await;

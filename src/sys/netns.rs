@@ -103,7 +103,7 @@ pub fn named_path(name: &str) -> PathBuf {
 }
 
 fn is_nsfs(path: &Path) -> bool {
-    nix::sys::statfs::statfs(path).is_ok_and(|s| s.filesystem_type().0 as i64 == NSFS_MAGIC)
+    nix::sys::statfs::statfs(path).is_ok_and(|s| s.filesystem_type().0 == NSFS_MAGIC)
 }
 
 /// The named network namespace `name`, made (and pinned by a bind mount) if missing.
