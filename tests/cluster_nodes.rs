@@ -184,6 +184,22 @@ spec:
         );
         c.ok(&["apply", "-f", &c.file(&format!("hp-{node}.yaml"), &pod)]);
     }
+    // A hostNetwork pod lives in its node's namespace: it listens at the node's address.
+    let host_network = format!(
+        "apiVersion: v1
+kind: Pod
+metadata: {{name: hn-alpha-3}}
+spec:
+  nodeName: alpha-3
+  hostNetwork: true
+  terminationGracePeriodSeconds: 0
+  containers:
+  - name: web
+    image: {image}
+    command: [sh, -c, 'mkdir -p /www && echo hn-alpha-3 > /www/index.html && exec httpd -f -p 18081 -h /www']
+"
+    );
+    c.ok(&["apply", "-f", &c.file("hn.yaml", &host_network)]);
     for (node, ip) in [("alpha-2", &ip2), ("alpha-3", &ip3)] {
         let deadline = Instant::now() + WAIT;
         loop {
@@ -194,7 +210,26 @@ spec:
             std::thread::sleep(Duration::from_millis(200));
         }
     }
-    c.ok(&["delete", "pod", "hp-alpha-2", "hp-alpha-3", "--wait=false"]);
+    let deadline = Instant::now() + WAIT;
+    loop {
+        match get(&format!("{ip3}:18081")) {
+            Ok(body) if body == "hn-alpha-3" => break,
+            other => assert!(Instant::now() < deadline, "{ip3}:18081: {other:?}"),
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    assert_eq!(
+        c.ok(&["get", "pod", "hn-alpha-3", "-o", "jsonpath={.status.podIP}"]),
+        ip3
+    );
+    c.ok(&[
+        "delete",
+        "pod",
+        "hp-alpha-2",
+        "hp-alpha-3",
+        "hn-alpha-3",
+        "--wait=false",
+    ]);
 
     // Spread: equal requests on equal nodes put one replica on each.
     let file = c.file("web.yaml", &deployment(&image));

@@ -149,6 +149,10 @@ pub fn create(dir: &Path, spec: &SandboxSpec, exe: &Path) -> Result<SandboxRunti
             NsKind::Uts => runtime.utsns = Some(path),
         }
     }
+    if spec.namespaces.network == NamespaceMode::Node {
+        // The node's network: its own namespace when it has one (never released by the pod).
+        runtime.netns = crate::sys::netns::node().map(Path::to_path_buf);
+    }
     write_files(&runtime, spec, &hostname)?;
     if spec.namespaces.ipc != NamespaceMode::Node {
         let shm = dir.join("shm");
