@@ -279,6 +279,35 @@ spec:
         }
         assert!(Instant::now() < deadline, "{service} reached only {seen:?}");
     }
+    // From a pod on an extra node (its own namespace and proxy): the cluster DNS
+    // names the Service, and the Service's IP answers.
+    let cluster_ip = service.trim_end_matches(":80");
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let out = c.kubectl(&[
+            "exec",
+            &third,
+            "--",
+            "busybox",
+            "nslookup",
+            "web.default.svc.cluster.local",
+        ]);
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        if text.contains(&format!("Address: {cluster_ip}")) {
+            break;
+        }
+        assert!(Instant::now() < deadline, "nslookup from {third}: {text}");
+        std::thread::sleep(Duration::from_millis(300));
+    }
+    let through_service = c.ok(&[
+        "exec",
+        &third,
+        "--",
+        "sh",
+        "-c",
+        &format!("printf 'GET / HTTP/1.0\\r\\n\\r\\n' | nc -w 3 {cluster_ip} 80"),
+    ]);
+    assert!(through_service.contains("200 OK"), "{through_service}");
 
     // alpha-3 dies: NotReady after the grace period, its pod evicted.
     let pid: i32 = std::fs::read_to_string(c.data_dir().join("nodes/alpha-3/up.pid"))
