@@ -120,6 +120,9 @@ pub struct BuiltinNetworkConfig {
     pub nat: String,
     /// Name of podvisor's nftables tables (and prefix of its iptables chains). Default: `podvisor`.
     pub nat_name: String,
+    /// The other nodes' pod subnets: traffic to them keeps the pod's address (routed, not masqueraded).
+    /// Default: none (`up --nodes` fills it in).
+    pub cluster_subnets: Vec<String>,
 }
 
 impl Default for BuiltinNetworkConfig {
@@ -131,6 +134,7 @@ impl Default for BuiltinNetworkConfig {
             mtu: None,
             nat: "auto".into(),
             nat_name: "podvisor".into(),
+            cluster_subnets: Vec::new(),
         }
     }
 }

@@ -30,7 +30,7 @@ spec:
       containers:
       - name: web
         image: {image}
-        command: [sh, -c, 'mkdir -p /www && hostname > /www/index.html && echo serving $(hostname) && exec httpd -f -p 8080 -h /www']
+        command: [sh, -c, 'mkdir -p /www/cgi-bin && hostname > /www/index.html && printf ''#!/bin/sh\\necho\\necho $REMOTE_ADDR\\n'' > /www/cgi-bin/peer && chmod +x /www/cgi-bin/peer && echo serving $(hostname) && exec httpd -f -p 8080 -h /www']
         resources: {{requests: {{cpu: 100m}}}}
 ---
 apiVersion: v1
@@ -60,7 +60,12 @@ fn get(address: &str) -> Result<String, String> {
 }
 
 fn http_from(c: &Cluster, pod: &str, ip: &str) -> String {
-    let request = format!("printf 'GET / HTTP/1.0\\r\\n\\r\\n' | nc -w 3 {ip} 8080");
+    http_get_from(c, pod, ip, "/")
+}
+
+/// GET `path` on port 8080 of `ip`, from inside `pod`.
+fn http_get_from(c: &Cluster, pod: &str, ip: &str, path: &str) -> String {
+    let request = format!("printf 'GET {path} HTTP/1.0\\r\\n\\r\\n' | nc -w 3 {ip} 8080");
     let deadline = Instant::now() + WAIT;
     loop {
         let out = c.kubectl(&["exec", pod, "--", "sh", "-c", &request]);
@@ -265,6 +270,12 @@ spec:
     // Pods reach each other across nodes by pod IP.
     assert!(http_from(&c, &third, &second_ip).contains(&second));
     assert!(http_from(&c, &first, &third_ip).contains(&third));
+    // ... with their own addresses (no masquerading between nodes' pod subnets);
+    // busybox httpd shows the peer as `[::ffff:a.b.c.d]`.
+    let peer = http_get_from(&c, &third, &second_ip, "/cgi-bin/peer");
+    assert!(peer.contains(&format!(":{third_ip}]")), "{peer}");
+    let peer = http_get_from(&c, &first, &third_ip, "/cgi-bin/peer");
+    assert!(peer.contains(&format!(":{first_ip}]")), "{peer}");
 
     // The Service spreads over the three nodes' pods.
     let service = format!(

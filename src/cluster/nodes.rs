@@ -79,7 +79,9 @@ pub fn network_for(
     Ok((bridge, subnet.to_string(), nat))
 }
 
-/// The daemon config of an extra node: the base file's text with its own network.
+/// The daemon config of node `index` (1 is `up`'s own): the base file's text
+/// with its own network (extra nodes) and the others' pod subnets, reached
+/// without masquerading.
 fn node_config(options: &UpOptions, index: usize) -> anyhow::Result<String> {
     let path = &options.daemon.config_path;
     let text = match std::fs::read_to_string(path) {
@@ -89,7 +91,11 @@ fn node_config(options: &UpOptions, index: usize) -> anyhow::Result<String> {
     };
     let config = crate::config::Config::parse(&text).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
     let mut table: toml::Table = text.parse().with_context(|| format!("parsing {}", path.display()))?;
-    let (bridge, subnet, nat) = network_for(&config.network.builtin, index)?;
+    let mut subnets = vec![config.network.builtin.subnet.clone()];
+    for other in 2..=options.nodes {
+        subnets.push(network_for(&config.network.builtin, other)?.1);
+    }
+    let own = subnets.remove(index - 1);
     let network = table
         .entry("network")
         .or_insert_with(|| toml::Value::Table(Default::default()))
@@ -100,11 +106,24 @@ fn node_config(options: &UpOptions, index: usize) -> anyhow::Result<String> {
         .or_insert_with(|| toml::Value::Table(Default::default()))
         .as_table_mut()
         .context("[network.builtin] is not a table")?;
-    builtin.insert("bridge".into(), bridge.into());
-    builtin.insert("subnet".into(), subnet.into());
-    builtin.insert("nat_name".into(), nat.into());
-    builtin.remove("subnet_v6");
+    builtin.insert("cluster_subnets".into(), subnets.into());
+    if index > 1 {
+        let (bridge, _, nat) = network_for(&config.network.builtin, index)?;
+        builtin.insert("bridge".into(), bridge.into());
+        builtin.insert("subnet".into(), own.into());
+        builtin.insert("nat_name".into(), nat.into());
+        builtin.remove("subnet_v6");
+    }
     Ok(toml::to_string(&table)?)
+}
+
+/// `up --nodes`: the first node's daemon config (the base file and the other
+/// nodes' pod subnets), written to the data directory; returns its path.
+pub fn write_first_node_config(options: &UpOptions) -> anyhow::Result<PathBuf> {
+    let text = node_config(options, 1)?;
+    let path = options.data_dir.join("node-config.toml");
+    std::fs::write(&path, text).with_context(|| format!("writing {}", path.display()))?;
+    Ok(path)
 }
 
 fn sibling(path: &Path, name: &str) -> PathBuf {

@@ -261,6 +261,11 @@ pub async fn run_foreground(mut options: UpOptions, shutdown: impl Future<Output
             .with_context(|| format!("setting up network namespace {}", network.netns))?;
         crate::sys::netns::set_node(path)?;
     }
+    if options.join.is_none() && options.nodes > 1 && options.runtime_endpoint.is_none() {
+        // Pods reach the other nodes' pods with their own address.
+        options.daemon.config_path = super::nodes::write_first_node_config(&options)?;
+        options.daemon.config_explicit = true;
+    }
     let (stop_daemon, daemon_stopped) = tokio::sync::oneshot::channel::<()>();
     let daemon = match &options.runtime_endpoint {
         _ if options.control_plane_only => None,

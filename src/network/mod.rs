@@ -109,6 +109,15 @@ impl PodNetwork {
             _ => builtin::NatBackend::Auto,
         };
         builtin_config.nat_name = settings.nat_name.clone();
+        builtin_config.cluster_subnets = settings
+            .cluster_subnets
+            .iter()
+            .map(|s| {
+                s.parse::<ipnet::Ipv4Net>()
+                    .map(|net| net.trunc())
+                    .map_err(|_| NetworkError::Invalid(format!("bad cluster subnet {s:?}")))
+            })
+            .collect::<Result<_, _>>()?;
         let mut cni = cni::CniRuntime::new(config.cni_bin_dirs.clone());
         cni.timeout = Duration::from_secs(config.cni_timeout_seconds);
         Ok(PodNetwork {

@@ -64,6 +64,8 @@ pub struct BuiltinConfig {
     /// Name of our nftables tables (`ip <name>`, `ip6 <name>`); upper-cased, the prefix
     /// of our iptables chains (`PODVISOR-HOSTPORTS`, `PODVISOR-POSTROUTING`).
     pub nat_name: String,
+    /// Other nodes' pod subnets, reached without masquerading.
+    pub cluster_subnets: Vec<Ipv4Net>,
 }
 
 impl BuiltinConfig {
@@ -77,6 +79,7 @@ impl BuiltinConfig {
             state_dir: state_dir.into(),
             nat: NatBackend::Auto,
             nat_name: "podvisor".into(),
+            cluster_subnets: Vec::new(),
         }
     }
 }
@@ -465,6 +468,7 @@ impl BuiltinNetwork {
             bridge: &self.cfg.bridge,
             v4: self.cfg.subnet_v4,
             v6: self.cfg.subnet_v6,
+            cluster: &self.cfg.cluster_subnets,
         }
     }
 
