@@ -227,16 +227,10 @@ spec:
         c.ok(&["get", "pod", "hn-alpha-3", "-o", "jsonpath={.status.podIP}"]),
         ip3
     );
-    c.ok(&[
-        "delete",
-        "pod",
-        "hp-alpha-2",
-        "hp-alpha-3",
-        "hn-alpha-3",
-        "--wait=false",
-    ]);
+    c.ok(&["delete", "pod", "hp-alpha-2", "hp-alpha-3", "hn-alpha-3"]);
 
-    // Spread: equal requests on equal nodes put one replica on each.
+    // Spread: equal requests on equal nodes put one replica on each (the pods
+    // above are gone: deletion waited for them).
     let file = c.file("web.yaml", &deployment(&image));
     c.ok(&["apply", "-f", &file]);
     let placement = "jsonpath={range .items[*]}{.metadata.name}:{.spec.nodeName}:{.status.podIP}:{.status.phase} {end}";
@@ -388,7 +382,32 @@ spec:
     assert_eq!(c.ok(&["get", "pod", &second, "-o", container]), second_container);
     assert!(http_from(&c, &second, &second_ip).contains(&second));
 
-    // down stops the node processes, which remove their pods.
+    // down stops the node processes, which remove their pods; alpha-3, dead again
+    // (its hostNetwork pod still running), is started once more to do the same.
+    // (After its restart above, alpha-3 must be Ready and untainted, or its new pod is evicted.)
+    c.wait_output(&["get", "nodes", "-o", ready], WAIT, |o| o.contains("alpha-3=True"));
+    c.wait_output(
+        &["get", "node", "alpha-3", "-o", "jsonpath={.spec.taints}"],
+        WAIT,
+        |t| !t.contains("unreachable") && !t.contains("not-ready"),
+    );
+    let host_network = host_network
+        .replace("hn-alpha-3", "hn2-alpha-3")
+        .replace("18081", "18082");
+    c.ok(&["apply", "-f", &c.file("hn2.yaml", &host_network)]);
+    let running = "jsonpath={.status.phase}";
+    c.wait_output(&["get", "pod", "hn2-alpha-3", "-o", running], WAIT, |p| p == "Running");
+    let alpha3: i32 = node_file("alpha-3", "up.pid").trim().parse().unwrap();
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(alpha3), nix::sys::signal::Signal::SIGKILL).unwrap();
+    let monitors3 = format!("monitor {}", c.dir.path().join("state-alpha-3").display());
+    assert!(!common::cri::processes_mentioning(&monitors3).is_empty());
+    let netns3 = node_file("alpha-3", "network")
+        .lines()
+        .next()
+        .unwrap()
+        .strip_prefix("netns ")
+        .unwrap()
+        .to_string();
     let monitors = format!("monitor {}", c.dir.path().join("state-alpha-2").display());
     assert!(!common::cri::processes_mentioning(&monitors).is_empty());
     let down = std::process::Command::new(env!("CARGO_BIN_EXE_podvisor"))
@@ -412,6 +431,11 @@ spec:
     );
     // ... and their network namespaces and links.
     assert!(!std::path::Path::new("/run/netns").join(&netns2).exists());
+    assert!(
+        common::cri::processes_mentioning(&monitors3).is_empty(),
+        "dead alpha-3's containers outlived down"
+    );
+    assert!(!std::path::Path::new("/run/netns").join(&netns3).exists());
     let host_link2 = node_file("alpha-2", "network")
         .lines()
         .nth(1)

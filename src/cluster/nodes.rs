@@ -19,10 +19,12 @@ use super::up::UpOptions;
 
 pub struct LocalNodes {
     nodes: Vec<LocalNode>,
+    options: UpOptions,
 }
 
 struct LocalNode {
     name: String,
+    index: usize,
     dir: PathBuf,
     pid: i32,
     /// Our own child (reaped on stop); None for an adopted process.
@@ -132,10 +134,97 @@ fn sibling(path: &Path, name: &str) -> PathBuf {
     PathBuf::from(text)
 }
 
+/// Starts the `index`-th node's `podvisor join` process.
+fn spawn_node(options: &UpOptions, index: usize, name: String, dir: PathBuf) -> anyhow::Result<LocalNode> {
+    let exe = std::env::current_exe()?;
+    let config = dir.join("config.toml");
+    std::fs::write(&config, node_config(options, index)?)?;
+    let network = node_network(&options.data_dir, options.node_link_cidr, index)?;
+    // What cleanup needs when the node process is gone.
+    std::fs::write(
+        dir.join("network"),
+        format!(
+            "netns {}\nhost_link {}\ntable {}\n",
+            network.netns,
+            network.host_link(),
+            network.table()
+        ),
+    )?;
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(dir.join("node.log"))?;
+    let mut command = std::process::Command::new(&exe);
+    command
+        .arg("join")
+        .arg("--kubeconfig")
+        .arg(&options.kubeconfig)
+        .args(["--node-name", &name])
+        .arg("--data-dir")
+        .arg(&dir)
+        .arg("--listen")
+        .arg(format!("unix://{}", dir.join("cri.sock").display()))
+        .arg("--root")
+        .arg(sibling(&options.daemon.root, &name))
+        .arg("--state")
+        .arg(sibling(&options.daemon.state, &name))
+        .arg("--config")
+        .arg(&config)
+        .arg("--pod-log-dir")
+        .arg(&options.pod_log_dir)
+        .arg("--node-lease-duration-seconds")
+        .arg(options.node_lease_duration.as_secs().to_string())
+        .args(
+            options
+                .cluster_dns
+                .iter()
+                .flat_map(|ip| ["--cluster-dns".to_string(), ip.clone()]),
+        )
+        .args(["--netns", &network.netns])
+        .arg("--netns-link")
+        .arg(network.link.to_string())
+        .arg("--container-log-max-size")
+        .arg(options.log_rotation.max_size.to_string())
+        .arg("--container-log-max-files")
+        .arg(options.log_rotation.max_files.to_string())
+        .arg("--container-log-monitor-interval")
+        .arg(format!("{}ms", options.log_rotation.interval.as_millis()))
+        .stdin(std::process::Stdio::null())
+        .stdout(log.try_clone()?)
+        .stderr(log);
+    {
+        use std::os::unix::process::CommandExt;
+        // SAFETY: setsid is async-signal-safe; nothing else runs between fork and exec.
+        unsafe {
+            command.pre_exec(|| {
+                libc::setsid();
+                Ok(())
+            });
+        }
+    }
+    let child = command.spawn().with_context(|| format!("starting node {name}"))?;
+    tracing::info!(node = %name, pid = child.id(), "started a node process");
+    Ok(LocalNode {
+        name,
+        index,
+        dir,
+        pid: child.id() as i32,
+        child: Some(child),
+    })
+}
+
+impl LocalNode {
+    fn alive(&mut self) -> bool {
+        match self.child.as_mut() {
+            Some(child) => matches!(child.try_wait(), Ok(None)),
+            None => Path::new(&format!("/proc/{}", self.pid)).exists(),
+        }
+    }
+}
+
 impl LocalNodes {
     /// Starts (or adopts) nodes 2..=N.
     pub fn start(options: &UpOptions) -> anyhow::Result<LocalNodes> {
-        let exe = std::env::current_exe()?;
         let mut nodes = Vec::new();
         for index in 2..=options.nodes {
             let name = node_name(&options.node_name, index);
@@ -145,91 +234,45 @@ impl LocalNodes {
                 tracing::info!(node = %name, pid, "adopting a running node process");
                 nodes.push(LocalNode {
                     name,
+                    index,
                     dir,
                     pid,
                     child: None,
                 });
                 continue;
             }
-            let config = dir.join("config.toml");
-            std::fs::write(&config, node_config(options, index)?)?;
-            let network = node_network(&options.data_dir, options.node_link_cidr, index)?;
-            // What cleanup needs when the node process is gone.
-            std::fs::write(
-                dir.join("network"),
-                format!(
-                    "netns {}\nhost_link {}\ntable {}\n",
-                    network.netns,
-                    network.host_link(),
-                    network.table()
-                ),
-            )?;
-            let log = std::fs::OpenOptions::new()
-                .create(true)
-                .append(true)
-                .open(dir.join("node.log"))?;
-            let mut command = std::process::Command::new(&exe);
-            command
-                .arg("join")
-                .arg("--kubeconfig")
-                .arg(&options.kubeconfig)
-                .args(["--node-name", &name])
-                .arg("--data-dir")
-                .arg(&dir)
-                .arg("--listen")
-                .arg(format!("unix://{}", dir.join("cri.sock").display()))
-                .arg("--root")
-                .arg(sibling(&options.daemon.root, &name))
-                .arg("--state")
-                .arg(sibling(&options.daemon.state, &name))
-                .arg("--config")
-                .arg(&config)
-                .arg("--pod-log-dir")
-                .arg(&options.pod_log_dir)
-                .arg("--node-lease-duration-seconds")
-                .arg(options.node_lease_duration.as_secs().to_string())
-                .args(
-                    options
-                        .cluster_dns
-                        .iter()
-                        .flat_map(|ip| ["--cluster-dns".to_string(), ip.clone()]),
-                )
-                .args(["--netns", &network.netns])
-                .arg("--netns-link")
-                .arg(network.link.to_string())
-                .arg("--container-log-max-size")
-                .arg(options.log_rotation.max_size.to_string())
-                .arg("--container-log-max-files")
-                .arg(options.log_rotation.max_files.to_string())
-                .arg("--container-log-monitor-interval")
-                .arg(format!("{}ms", options.log_rotation.interval.as_millis()))
-                .stdin(std::process::Stdio::null())
-                .stdout(log.try_clone()?)
-                .stderr(log);
-            {
-                use std::os::unix::process::CommandExt;
-                // SAFETY: setsid is async-signal-safe; nothing else runs between fork and exec.
-                unsafe {
-                    command.pre_exec(|| {
-                        libc::setsid();
-                        Ok(())
-                    });
-                }
-            }
-            let child = command.spawn().with_context(|| format!("starting node {name}"))?;
-            tracing::info!(node = %name, pid = child.id(), "started a node process");
-            nodes.push(LocalNode {
-                name,
-                dir,
-                pid: child.id() as i32,
-                child: Some(child),
-            });
+            nodes.push(spawn_node(options, index, name, dir)?);
         }
-        Ok(LocalNodes { nodes })
+        Ok(LocalNodes {
+            nodes,
+            options: options.clone(),
+        })
     }
 
-    /// Stops every node process; with `remove_pods` they remove their pods first.
-    pub async fn stop(self, remove_pods: bool) {
+    /// Stops every node process; with `remove_pods` they remove their pods (and
+    /// their networks) first. A node whose process died (killed in a failover
+    /// demo) is started once more for that.
+    pub async fn stop(mut self, remove_pods: bool) {
+        if remove_pods {
+            for node in &mut self.nodes {
+                if node.alive() {
+                    continue;
+                }
+                let ready = node.dir.join(super::up::READY_FILE);
+                let _ = std::fs::remove_file(&ready);
+                match spawn_node(&self.options, node.index, node.name.clone(), node.dir.clone()) {
+                    Ok(started) => *node = started,
+                    Err(e) => {
+                        tracing::warn!(node = %node.name, error = %e, "restarting a dead node to remove its pods");
+                        continue;
+                    }
+                }
+                let deadline = Instant::now() + Duration::from_secs(60);
+                while !ready.exists() && node.alive() && Instant::now() < deadline {
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+            }
+        }
         for node in &self.nodes {
             if remove_pods {
                 let _ = std::fs::write(node.dir.join(super::up::DOWN_FILE), b"");
@@ -239,11 +282,7 @@ impl LocalNodes {
         let deadline = Instant::now() + Duration::from_secs(120);
         for mut node in self.nodes {
             loop {
-                let gone = match node.child.as_mut() {
-                    Some(child) => !matches!(child.try_wait(), Ok(None)),
-                    None => !Path::new(&format!("/proc/{}", node.pid)).exists(),
-                };
-                if gone {
+                if !node.alive() {
                     break;
                 }
                 if Instant::now() > deadline {

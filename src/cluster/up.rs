@@ -23,7 +23,7 @@ use crate::daemon::DaemonOptions;
 pub const DEFAULT_DATA_DIR: &str = "/var/lib/podvisor/cluster";
 pub const DEFAULT_API_ADDRESS: &str = "127.0.0.1:6443";
 /// Written by the cluster process once it serves; removed when it stops.
-const READY_FILE: &str = "ready";
+pub(crate) const READY_FILE: &str = "ready";
 const PID_FILE: &str = "up.pid";
 /// Present when `down` asked for the pods to be removed too.
 pub(crate) const DOWN_FILE: &str = "down-requested";

@@ -4,7 +4,9 @@
 //! that share this machine's address (the extra nodes of `up --nodes`) need no
 //! route: their bridges are local. Routes carry their own protocol number, so
 //! the agent finds and removes the ones whose node went away, and never
-//! touches routes it did not make.
+//! touches routes it did not make; a metric of the agent's own (from its API
+//! server and node name) keeps two clusters on one machine out of each
+//! other's routes.
 
 use std::collections::BTreeMap;
 use std::net::IpAddr;
@@ -81,9 +83,10 @@ pub(crate) async fn run(ctx: Arc<Context>) {
     let mut changes = nodes.subscribe();
     nodes.wait_synced().await;
     let own_ip = IpAddr::V4(ctx.node_ip);
+    let metric = route_metric(&format!("{} {}", ctx.client.base_url(), ctx.options.node_name));
     loop {
         let wanted = wanted_routes(&nodes.list(), &ctx.options.node_name, own_ip, &ctx.pod_subnets);
-        if let Err(e) = sync(&wanted).await {
+        if let Err(e) = sync(&wanted, metric).await {
             tracing::warn!(error = %e, "syncing pod routes to other nodes");
         }
         tokio::select! {
@@ -110,8 +113,17 @@ async fn ip(args: &[&str]) -> Result<String, String> {
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
-/// Makes this machine's routes of our protocol exactly `wanted`.
-async fn sync(wanted: &BTreeMap<String, IpAddr>) -> Result<(), String> {
+/// The metric of this agent's routes: one per cluster and node, in 1000..1_001_000.
+fn route_metric(identity: &str) -> u32 {
+    let hash = identity.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
+        (h ^ u64::from(b)).wrapping_mul(0x100_0000_01b3)
+    });
+    1000 + (hash % 1_000_000) as u32
+}
+
+/// Makes this machine's routes of our protocol and `metric` exactly `wanted`.
+async fn sync(wanted: &BTreeMap<String, IpAddr>, metric: u32) -> Result<(), String> {
+    let metric_text = metric.to_string();
     let mut present = BTreeMap::new();
     for family in ["-4", "-6"] {
         let listed = ip(&[family, "-j", "route", "show", "proto", ROUTE_PROTOCOL]).await?;
@@ -120,6 +132,9 @@ async fn sync(wanted: &BTreeMap<String, IpAddr>) -> Result<(), String> {
             let (Some(dst), Some(gateway)) = (route["dst"].as_str(), route["gateway"].as_str()) else {
                 continue;
             };
+            if route["metric"].as_u64() != Some(u64::from(metric)) {
+                continue;
+            }
             present.insert(dst.to_string(), gateway.to_string());
         }
     }
@@ -133,13 +148,15 @@ async fn sync(wanted: &BTreeMap<String, IpAddr>) -> Result<(), String> {
                 &gateway.to_string(),
                 "proto",
                 ROUTE_PROTOCOL,
+                "metric",
+                &metric_text,
             ])
             .await?;
             tracing::info!(subnet = dst, %gateway, "pod route to another node");
         }
     }
     for dst in present.keys().filter(|dst| !wanted.contains_key(*dst)) {
-        ip(&["route", "del", dst, "proto", ROUTE_PROTOCOL]).await?;
+        ip(&["route", "del", dst, "proto", ROUTE_PROTOCOL, "metric", &metric_text]).await?;
         tracing::info!(subnet = dst, "pod route removed");
     }
     Ok(())
@@ -156,6 +173,14 @@ mod tests {
             "status": {"addresses": [{"type": "InternalIP", "address": ip}]},
         }))
         .unwrap()
+    }
+
+    #[test]
+    fn metrics_tell_agents_apart() {
+        let a = route_metric("https://127.0.0.1:6443 alpha");
+        assert!((1000..1_001_000).contains(&a));
+        assert_eq!(a, route_metric("https://127.0.0.1:6443 alpha"));
+        assert_ne!(a, route_metric("https://127.0.0.1:6444 alpha"));
     }
 
     #[test]
