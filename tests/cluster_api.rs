@@ -244,3 +244,156 @@ fn delete_wins_over_concurrent_writes() {
             }
         });
 }
+
+/// ServiceAccounts and RBAC objects are kept (charts carry them; RBAC is not
+/// enforced): every namespace has a `default` account, pods run as it, and
+/// kubectl's generators (protobuf bodies) and manifests create the rest.
+#[test]
+fn service_accounts_and_rbac_objects() {
+    let c = Cluster::start();
+    assert!(c.ok(&["get", "sa"]).contains("default "));
+    c.ok(&["create", "ns", "team"]);
+    let accounts = c.wait_output(
+        &["get", "sa", "-n", "team", "-o", "name"],
+        Duration::from_secs(10),
+        |o| !o.is_empty(),
+    );
+    assert_eq!(accounts.trim(), "serviceaccount/default");
+    assert!(
+        c.ok(&["create", "serviceaccount", "robot", "-n", "team"])
+            .contains("serviceaccount/robot created")
+    );
+    c.ok(&[
+        "create",
+        "role",
+        "pod-reader",
+        "-n",
+        "team",
+        "--verb=get",
+        "--verb=list",
+        "--resource=pods",
+    ]);
+    c.ok(&[
+        "create",
+        "rolebinding",
+        "robot-reads",
+        "-n",
+        "team",
+        "--role=pod-reader",
+        "--serviceaccount=team:robot",
+    ]);
+    c.ok(&["create", "clusterrole", "node-viewer", "--verb=get", "--resource=nodes"]);
+    c.ok(&[
+        "create",
+        "clusterrolebinding",
+        "robot-views-nodes",
+        "--clusterrole=node-viewer",
+        "--serviceaccount=team:robot",
+    ]);
+    assert_eq!(
+        c.ok(&[
+            "get",
+            "role",
+            "pod-reader",
+            "-n",
+            "team",
+            "-o",
+            "jsonpath={.rules[0].verbs}"
+        ]),
+        r#"["get","list"]"#
+    );
+    let binding = c.ok(&["get", "rolebinding", "-n", "team"]);
+    assert!(
+        binding.contains("robot-reads") && binding.contains("Role/pod-reader"),
+        "{binding}"
+    );
+    assert_eq!(
+        c.ok(&[
+            "get",
+            "clusterrolebinding",
+            "robot-views-nodes",
+            "-o",
+            "jsonpath={.subjects[0].kind}/{.subjects[0].namespace}/{.subjects[0].name} {.roleRef.kind}"
+        ]),
+        "ServiceAccount/team/robot ClusterRole"
+    );
+    // A chart-style manifest: account, role, binding and a pod running as the account.
+    let manifest = c.file(
+        "app.yaml",
+        "apiVersion: v1
+kind: ServiceAccount
+metadata: {name: app, namespace: team}
+automountServiceAccountToken: false
+---
+apiVersion: rbac.authorization.k8s.io/v1
+kind: Role
+metadata: {name: app, namespace: team}
+rules: [{apiGroups: [''], resources: [configmaps], verbs: [get]}]
+---
+apiVersion: rbac.authorization.k8s.io/v1
+kind: RoleBinding
+metadata: {name: app, namespace: team}
+subjects: [{kind: ServiceAccount, name: app, namespace: team}]
+roleRef: {apiGroup: rbac.authorization.k8s.io, kind: Role, name: app}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: app, namespace: team}
+spec:
+  serviceAccountName: app
+  containers: [{name: c, image: busybox}]
+",
+    );
+    let applied = c.ok(&["apply", "-f", &manifest]);
+    for line in [
+        "serviceaccount/app created",
+        "role.rbac.authorization.k8s.io/app created",
+        "rolebinding.rbac.authorization.k8s.io/app created",
+    ] {
+        assert!(applied.contains(line), "{applied}");
+    }
+    assert_eq!(
+        c.ok(&[
+            "get",
+            "sa",
+            "app",
+            "-n",
+            "team",
+            "-o",
+            "jsonpath={.automountServiceAccountToken}"
+        ]),
+        "false"
+    );
+    assert_eq!(
+        c.ok(&[
+            "get",
+            "pod",
+            "app",
+            "-n",
+            "team",
+            "-o",
+            "jsonpath={.spec.serviceAccountName}"
+        ]),
+        "app"
+    );
+    c.ok(&["run", "plain", "-n", "team", "--image=busybox"]);
+    assert_eq!(
+        c.ok(&[
+            "get",
+            "pod",
+            "plain",
+            "-n",
+            "team",
+            "-o",
+            "jsonpath={.spec.serviceAccountName}"
+        ]),
+        "default"
+    );
+    // They go with their namespace.
+    c.ok(&["delete", "ns", "team"]);
+    assert!(
+        c.fails(&["get", "role", "pod-reader", "-n", "team"])
+            .contains("NotFound")
+    );
+    assert!(c.ok(&["get", "clusterrole", "node-viewer"]).contains("node-viewer"));
+}

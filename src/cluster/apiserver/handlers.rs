@@ -491,7 +491,25 @@ async fn create_object(
         .create(&key, obj)
         .await
         .map_err(|e| ApiError::from_store(e, &info.qualified(), &name))?;
+    if (info.group, info.resource) == ("", "namespaces") {
+        ensure_default_service_account(state, &name).await;
+    }
     Ok((stored.value, warnings))
+}
+
+/// Every namespace has a `default` ServiceAccount, as the service account controller makes it.
+async fn ensure_default_service_account(state: &State, ns: &str) {
+    let key = Key::new("", "serviceaccounts", ns, "default");
+    let obj = json!({
+        "apiVersion": "v1",
+        "kind": "ServiceAccount",
+        "metadata": {"name": "default", "namespace": ns, "uid": uuid::Uuid::new_v4().to_string(),
+                     "creationTimestamp": rfc3339(now())},
+    });
+    match state.store.create(&key, obj).await {
+        Ok(_) | Err(StoreError::AlreadyExists) => {}
+        Err(e) => tracing::warn!(namespace = ns, error = %e, "creating the default service account"),
+    }
 }
 
 async fn create(ctx: &Ctx) -> ApiResult<hyper::Response<Body>> {
@@ -1072,7 +1090,7 @@ pub(super) async fn bootstrap(state: &Arc<State>) -> anyhow::Result<()> {
         let obj = json!({"metadata": {"name": ns}});
         match create_object(state, ns_info, "", obj, FieldValidation::Strict, false).await {
             Ok(_) => {}
-            Err(e) if e.reason == "AlreadyExists" => {}
+            Err(e) if e.reason == "AlreadyExists" => ensure_default_service_account(state, ns).await,
             Err(e) => anyhow::bail!("creating namespace {ns}: {}", e.message),
         }
     }

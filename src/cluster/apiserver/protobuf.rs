@@ -115,6 +115,8 @@ enum Ty {
     /// A pointer int (`*int32`): present only when set, 0 included.
     OptInt,
     Bool,
+    /// A pointer bool (`*bool`): present only when set, false included.
+    OptBool,
     /// `map<string, string>`.
     StrMap,
     /// `intstr.IntOrString` (type = 1, intVal = 2, strVal = 3).
@@ -219,6 +221,52 @@ const SERVICE: &[Field] = &[
     (2, "spec", Ty::Msg(SERVICE_SPEC), false),
 ];
 
+const OBJECT_REFERENCE: &[Field] = &[
+    (1, "kind", Ty::Str, false),
+    (2, "namespace", Ty::Str, false),
+    (3, "name", Ty::Str, false),
+    (4, "uid", Ty::Str, false),
+    (5, "apiVersion", Ty::Str, false),
+    (6, "resourceVersion", Ty::Str, false),
+    (7, "fieldPath", Ty::Str, false),
+];
+const LOCAL_OBJECT_REFERENCE: &[Field] = &[(1, "name", Ty::Str, false)];
+const SERVICE_ACCOUNT: &[Field] = &[
+    (1, "metadata", Ty::Meta, false),
+    (2, "secrets", Ty::Msg(OBJECT_REFERENCE), true),
+    (3, "imagePullSecrets", Ty::Msg(LOCAL_OBJECT_REFERENCE), true),
+    (4, "automountServiceAccountToken", Ty::OptBool, false),
+];
+const POLICY_RULE: &[Field] = &[
+    (1, "verbs", Ty::Str, true),
+    (3, "apiGroups", Ty::Str, true),
+    (4, "resources", Ty::Str, true),
+    (5, "resourceNames", Ty::Str, true),
+    (6, "nonResourceURLs", Ty::Str, true),
+];
+const AGGREGATION_RULE: &[Field] = &[(1, "clusterRoleSelectors", Ty::Msg(LABEL_SELECTOR), true)];
+const ROLE: &[Field] = &[
+    (1, "metadata", Ty::Meta, false),
+    (2, "rules", Ty::Msg(POLICY_RULE), true),
+    (3, "aggregationRule", Ty::Msg(AGGREGATION_RULE), false),
+];
+const SUBJECT: &[Field] = &[
+    (1, "kind", Ty::Str, false),
+    (2, "apiGroup", Ty::Str, false),
+    (3, "name", Ty::Str, false),
+    (4, "namespace", Ty::Str, false),
+];
+const ROLE_REF: &[Field] = &[
+    (1, "apiGroup", Ty::Str, false),
+    (2, "kind", Ty::Str, false),
+    (3, "name", Ty::Str, false),
+];
+const ROLE_BINDING: &[Field] = &[
+    (1, "metadata", Ty::Meta, false),
+    (2, "subjects", Ty::Msg(SUBJECT), true),
+    (3, "roleRef", Ty::Msg(ROLE_REF), false),
+];
+
 fn int_or_string(b: &[u8]) -> Result<Value, String> {
     let (mut is_str, mut int, mut text) = (false, 0i64, String::new());
     for (n, w) in fields(b)? {
@@ -245,7 +293,7 @@ fn message(schema: &[Field], b: &[u8]) -> Result<Value, String> {
             (Ty::Str, Wire::Bytes(x)) => json!(string(x)?),
             (Ty::Int | Ty::Bool, Wire::Varint(0)) => continue,
             (Ty::Int | Ty::OptInt, Wire::Varint(v)) => json!(v as i64),
-            (Ty::Bool, Wire::Varint(v)) => json!(v != 0),
+            (Ty::Bool | Ty::OptBool, Wire::Varint(v)) => json!(v != 0),
             (Ty::StrMap, Wire::Bytes(x)) => {
                 insert_entry(&mut m, name, x, false)?;
                 continue;
@@ -272,6 +320,10 @@ fn decode_kind(kind: &str, raw: &[u8]) -> Result<Value, String> {
     match kind {
         "Deployment" => return message(DEPLOYMENT, raw),
         "Service" => return message(SERVICE, raw),
+        "ServiceAccount" => return message(SERVICE_ACCOUNT, raw),
+        // (A Role has no field 3; ClusterRole's aggregationRule is its only addition.)
+        "Role" | "ClusterRole" => return message(ROLE, raw),
+        "RoleBinding" | "ClusterRoleBinding" => return message(ROLE_BINDING, raw),
         _ => {}
     }
     let mut m = Map::new();
@@ -340,7 +392,17 @@ pub fn decode(body: &[u8]) -> Result<Value, String> {
     }
     if !matches!(
         kind.as_str(),
-        "ConfigMap" | "Secret" | "Namespace" | "DeleteOptions" | "Deployment" | "Service"
+        "ConfigMap"
+            | "Secret"
+            | "Namespace"
+            | "DeleteOptions"
+            | "Deployment"
+            | "Service"
+            | "ServiceAccount"
+            | "Role"
+            | "ClusterRole"
+            | "RoleBinding"
+            | "ClusterRoleBinding"
     ) {
         return Err(format!(
             "protobuf decoding of {kind:?} is not supported; use JSON (e.g. kubectl apply -f)"

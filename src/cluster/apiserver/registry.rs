@@ -1,6 +1,6 @@
 //! The resource types this server knows: names, scope, verbs and subresources for discovery and routing.
 
-use k8s_openapi::api::{apps, coordination, core, discovery, events, node};
+use k8s_openapi::api::{apps, coordination, core, discovery, events, node, rbac};
 use serde::{Serialize, de::DeserializeOwned};
 use serde_json::Value;
 
@@ -192,6 +192,19 @@ pub static RESOURCES: &[ResourceInfo] = &[
     ResourceInfo {
         group: "",
         version: "v1",
+        resource: "serviceaccounts",
+        singular: "serviceaccount",
+        kind: "ServiceAccount",
+        namespaced: true,
+        short_names: &["sa"],
+        categories: &[],
+        verbs: ALL_VERBS,
+        subresources: &[],
+        codec: codec::<core::v1::ServiceAccount>,
+    },
+    ResourceInfo {
+        group: "",
+        version: "v1",
         resource: "services",
         singular: "service",
         kind: "Service",
@@ -344,6 +357,59 @@ pub static RESOURCES: &[ResourceInfo] = &[
         verbs: ALL_VERBS,
         subresources: &[],
         codec: codec::<apps::v1::ControllerRevision>,
+    },
+    // RBAC objects are kept (manifests and charts carry them) but not enforced.
+    ResourceInfo {
+        group: "rbac.authorization.k8s.io",
+        version: "v1",
+        resource: "roles",
+        singular: "role",
+        kind: "Role",
+        namespaced: true,
+        short_names: &[],
+        categories: &[],
+        verbs: ALL_VERBS,
+        subresources: &[],
+        codec: codec::<rbac::v1::Role>,
+    },
+    ResourceInfo {
+        group: "rbac.authorization.k8s.io",
+        version: "v1",
+        resource: "rolebindings",
+        singular: "rolebinding",
+        kind: "RoleBinding",
+        namespaced: true,
+        short_names: &[],
+        categories: &[],
+        verbs: ALL_VERBS,
+        subresources: &[],
+        codec: codec::<rbac::v1::RoleBinding>,
+    },
+    ResourceInfo {
+        group: "rbac.authorization.k8s.io",
+        version: "v1",
+        resource: "clusterroles",
+        singular: "clusterrole",
+        kind: "ClusterRole",
+        namespaced: false,
+        short_names: &[],
+        categories: &[],
+        verbs: ALL_VERBS,
+        subresources: &[],
+        codec: codec::<rbac::v1::ClusterRole>,
+    },
+    ResourceInfo {
+        group: "rbac.authorization.k8s.io",
+        version: "v1",
+        resource: "clusterrolebindings",
+        singular: "clusterrolebinding",
+        kind: "ClusterRoleBinding",
+        namespaced: false,
+        short_names: &[],
+        categories: &[],
+        verbs: ALL_VERBS,
+        subresources: &[],
+        codec: codec::<rbac::v1::ClusterRoleBinding>,
     },
 ];
 

@@ -133,6 +133,10 @@ fn columns(info: &ResourceInfo) -> Vec<Col> {
         ],
         ("", "namespaces") => vec![name, ("Status", "string", "", 0), age],
         ("", "configmaps") => vec![name, ("Data", "integer", "", 0), age],
+        ("", "serviceaccounts") => vec![name, ("Secrets", "integer", "", 0), age],
+        ("rbac.authorization.k8s.io", "rolebindings" | "clusterrolebindings") => {
+            vec![name, ("Role", "string", "", 0), age]
+        }
         ("", "secrets") => vec![name, ("Type", "string", "", 0), ("Data", "integer", "", 0), age],
         ("", "services") => vec![
             name,
@@ -348,6 +352,12 @@ fn cells(info: &ResourceInfo, o: &Value, now: Timestamp) -> Vec<Value> {
             json!(created),
         ],
         ("", "secrets") => vec![name, json!(s(o, "/type")), json!(obj_len(o, "/data")), json!(created)],
+        ("", "serviceaccounts") => vec![name, json!(arr(o, "/secrets").len()), json!(created)],
+        ("rbac.authorization.k8s.io", "rolebindings" | "clusterrolebindings") => vec![
+            name,
+            json!(format!("{}/{}", s(o, "/roleRef/kind"), s(o, "/roleRef/name"))),
+            json!(created),
+        ],
         ("", "services") => {
             let ports: Vec<String> = arr(o, "/spec/ports")
                 .iter()

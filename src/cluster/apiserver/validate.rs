@@ -132,6 +132,10 @@ pub fn apply_defaults(info: &ResourceInfo, obj: &mut Value) {
             let spec = obj_mut(obj, "spec");
             default_pod_spec(spec);
             default_str(spec, "preemptionPolicy", "PreemptLowerPriority");
+            // As the ServiceAccount admission plugin does (serviceAccount is its old alias).
+            default_str(spec, "serviceAccountName", "default");
+            let account = spec["serviceAccountName"].clone();
+            spec.entry("serviceAccount").or_insert(account);
             spec.entry("enableServiceLinks").or_insert(json!(true));
             spec.entry("priority").or_insert(json!(0));
             let status = obj_mut(obj, "status");
