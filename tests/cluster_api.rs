@@ -110,8 +110,19 @@ fn configmaps_secrets_and_namespace_cascade() {
     ]);
     c.ok(&["run", "p1", "-n", "x", "--image=busybox"]);
     let out = c.ok(&["get", "cm,secret", "-n", "x"]);
-    assert!(out.contains("configmap/cfg   2"), "{out}");
-    assert!(out.contains("secret/s1   Opaque   1"), "{out}");
+    let row = |name: &str| {
+        out.lines()
+            .find(|l| l.starts_with(&format!("{name} ")))
+            .map(|l| l.split_whitespace().collect::<Vec<_>>().join(" "))
+            .unwrap_or_default()
+    };
+    assert!(row("configmap/cfg").starts_with("configmap/cfg 2 "), "{out}");
+    // Every namespace gets the cluster's CA, as Kubernetes' root-CA publisher does.
+    assert!(
+        row("configmap/kube-root-ca.crt").starts_with("configmap/kube-root-ca.crt 1 "),
+        "{out}"
+    );
+    assert!(row("secret/s1").starts_with("secret/s1 Opaque 1 "), "{out}");
     assert_eq!(
         c.ok(&["get", "secret", "s1", "-n", "x", "-o", "jsonpath={.data.p}"]),
         "c2VjcmV0"
@@ -259,6 +270,16 @@ fn service_accounts_and_rbac_objects() {
         |o| !o.is_empty(),
     );
     assert_eq!(accounts.trim(), "serviceaccount/default");
+    let ca = c.ok(&[
+        "get",
+        "cm",
+        "kube-root-ca.crt",
+        "-n",
+        "team",
+        "-o",
+        "jsonpath={.data.ca\\.crt}",
+    ]);
+    assert!(ca.starts_with("-----BEGIN CERTIFICATE-----"), "{ca}");
     assert!(
         c.ok(&["create", "serviceaccount", "robot", "-n", "team"])
             .contains("serviceaccount/robot created")

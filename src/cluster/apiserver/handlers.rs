@@ -492,23 +492,36 @@ async fn create_object(
         .await
         .map_err(|e| ApiError::from_store(e, &info.qualified(), &name))?;
     if (info.group, info.resource) == ("", "namespaces") {
-        ensure_default_service_account(state, &name).await;
+        ensure_namespace_defaults(state, &name).await;
     }
     Ok((stored.value, warnings))
 }
 
-/// Every namespace has a `default` ServiceAccount, as the service account controller makes it.
-async fn ensure_default_service_account(state: &State, ns: &str) {
-    let key = Key::new("", "serviceaccounts", ns, "default");
-    let obj = json!({
-        "apiVersion": "v1",
-        "kind": "ServiceAccount",
-        "metadata": {"name": "default", "namespace": ns, "uid": uuid::Uuid::new_v4().to_string(),
-                     "creationTimestamp": rfc3339(now())},
-    });
-    match state.store.create(&key, obj).await {
-        Ok(_) | Err(StoreError::AlreadyExists) => {}
-        Err(e) => tracing::warn!(namespace = ns, error = %e, "creating the default service account"),
+/// What Kubernetes' controllers put in every namespace: the `default`
+/// ServiceAccount and the `kube-root-ca.crt` ConfigMap (the cluster's CA).
+async fn ensure_namespace_defaults(state: &State, ns: &str) {
+    let meta = |name: &str| {
+        json!({"name": name, "namespace": ns, "uid": uuid::Uuid::new_v4().to_string(),
+               "creationTimestamp": rfc3339(now())})
+    };
+    let objects = [
+        (
+            "serviceaccounts",
+            "default",
+            json!({"apiVersion": "v1", "kind": "ServiceAccount", "metadata": meta("default")}),
+        ),
+        (
+            "configmaps",
+            "kube-root-ca.crt",
+            json!({"apiVersion": "v1", "kind": "ConfigMap", "metadata": meta("kube-root-ca.crt"),
+                   "data": {"ca.crt": state.ca_pem}}),
+        ),
+    ];
+    for (resource, name, obj) in objects {
+        match state.store.create(&Key::new("", resource, ns, name), obj).await {
+            Ok(_) | Err(StoreError::AlreadyExists) => {}
+            Err(e) => tracing::warn!(namespace = ns, resource, error = %e, "creating a namespace default"),
+        }
     }
 }
 
@@ -1090,7 +1103,7 @@ pub(super) async fn bootstrap(state: &Arc<State>) -> anyhow::Result<()> {
         let obj = json!({"metadata": {"name": ns}});
         match create_object(state, ns_info, "", obj, FieldValidation::Strict, false).await {
             Ok(_) => {}
-            Err(e) if e.reason == "AlreadyExists" => ensure_default_service_account(state, ns).await,
+            Err(e) if e.reason == "AlreadyExists" => ensure_namespace_defaults(state, ns).await,
             Err(e) => anyhow::bail!("creating namespace {ns}: {}", e.message),
         }
     }
