@@ -906,3 +906,79 @@ fn deployment_of_real_pods_becomes_available_and_heals() {
         str::is_empty,
     );
 }
+
+/// Pods must run as an existing ServiceAccount: until it exists, the ReplicaSet
+/// (and its Deployment) report ReplicaFailure with the API server's reason, and
+/// the pods come once it is created.
+#[test]
+fn replica_failure_until_the_service_account_exists() {
+    let c = control_plane(&[node("n1", json!([]))]);
+    let _kubelet = FakeKubelet::start(&c, "robotic");
+    let direct = c.fails(&[
+        "run",
+        "lone",
+        "--image=busybox",
+        "--overrides",
+        r#"{"spec":{"serviceAccountName":"robot"}}"#,
+    ]);
+    assert!(
+        direct.contains("error looking up service account default/robot: serviceaccount \"robot\" not found"),
+        "{direct}"
+    );
+    c.ok(&[
+        "create",
+        "deployment",
+        "robotic",
+        "--image=example.invalid/robotic:1",
+        "--replicas=2",
+    ]);
+    rollout_ok(&c, "deployment/robotic");
+    c.ok(&[
+        "patch",
+        "deployment",
+        "robotic",
+        "-p",
+        r#"{"spec":{"template":{"spec":{"serviceAccountName":"robot"}}}}"#,
+    ]);
+    let failure = "{.status.conditions[?(@.type==\"ReplicaFailure\")].reason}: {.status.conditions[?(@.type==\"ReplicaFailure\")].message}";
+    let deadline = Instant::now() + WAIT;
+    let shown = loop {
+        let shown = jsonpath(&c, &["get", "deployment", "robotic"], failure);
+        if shown.starts_with("FailedCreate: ") {
+            break shown;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no ReplicaFailure on the Deployment: {shown:?}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    assert!(shown.contains("serviceaccount \"robot\" not found"), "{shown}");
+    let on_rs = jsonpath(
+        &c,
+        &["get", "rs", "-l", "app=robotic"],
+        "{.items[*].status.conditions[?(@.type==\"ReplicaFailure\")].status}",
+    );
+    assert_eq!(on_rs, "True");
+    // The old pods keep serving meanwhile.
+    assert_eq!(active_pods(&c, "robotic").len(), 2);
+    c.ok(&["create", "serviceaccount", "robot"]);
+    rollout_ok(&c, "deployment/robotic");
+    let deadline = Instant::now() + WAIT;
+    while !jsonpath(&c, &["get", "deployment", "robotic"], failure)
+        .trim()
+        .starts_with(':')
+    {
+        assert!(
+            Instant::now() < deadline,
+            "ReplicaFailure stayed after the account was created"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let accounts = jsonpath(
+        &c,
+        &["get", "pods", "-l", "app=robotic"],
+        "{.items[*].spec.serviceAccountName}",
+    );
+    assert!(accounts.split_whitespace().all(|a| a == "robot"), "{accounts}");
+}

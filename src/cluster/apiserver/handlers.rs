@@ -482,6 +482,9 @@ async fn create_object(
             Err(e) => return Err(ApiError::from_store(e, "namespaces", ns)),
         }
     }
+    if (info.group, info.resource) == ("", "pods") {
+        check_service_account(state, ns, &obj, &name).await?;
+    }
     if dry_run {
         return Ok((obj, warnings));
     }
@@ -495,6 +498,26 @@ async fn create_object(
         ensure_namespace_defaults(state, &name).await;
     }
     Ok((stored.value, warnings))
+}
+
+/// A pod runs as an existing ServiceAccount (the ServiceAccount admission
+/// check); a missing `default` one is made, as in a namespace from before it existed.
+async fn check_service_account(state: &State, ns: &str, pod: &Value, name: &str) -> ApiResult<()> {
+    let account = pod
+        .pointer("/spec/serviceAccountName")
+        .and_then(Value::as_str)
+        .unwrap_or("default");
+    match state.store.get(&Key::new("", "serviceaccounts", ns, account)).await {
+        Ok(_) => Ok(()),
+        Err(StoreError::NotFound) if account == "default" => {
+            ensure_namespace_defaults(state, ns).await;
+            Ok(())
+        }
+        Err(StoreError::NotFound) => Err(ApiError::forbidden(format!(
+            "pods {name:?} is forbidden: error looking up service account {ns}/{account}: serviceaccount {account:?} not found"
+        ))),
+        Err(e) => Err(ApiError::from_store(e, "serviceaccounts", account)),
+    }
 }
 
 /// What Kubernetes' controllers put in every namespace: the `default`

@@ -796,6 +796,28 @@ impl Controller {
                 false,
             );
         }
+        // A ReplicaSet that cannot create its pods says so on the Deployment too.
+        let failure = all.iter().find_map(|rs| {
+            rs.status
+                .as_ref()?
+                .conditions
+                .as_ref()?
+                .iter()
+                .find(|c| c.type_ == "ReplicaFailure" && c.status == "True")
+                .cloned()
+        });
+        match failure {
+            Some(c) => set_condition(
+                &mut conditions,
+                &stamp,
+                "ReplicaFailure",
+                "True",
+                c.reason.as_deref().unwrap_or("FailedCreate"),
+                c.message.unwrap_or_default(),
+                false,
+            ),
+            None => conditions.retain(|c| c["type"] != "ReplicaFailure"),
+        }
         let complete = updated == replicas && status_replicas == replicas && avail == replicas && new_rs.is_some();
         let old_old_replicas = old_status.replicas.unwrap_or(0) - old_status.updated_replicas.unwrap_or(0);
         let progressed = updated > old_status.updated_replicas.unwrap_or(0)

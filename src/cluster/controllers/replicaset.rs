@@ -165,9 +165,10 @@ impl Controller {
         }
         let active: Vec<&Pod> = owned.iter().filter(|p| is_active(p)).collect();
         let want = spec.replicas.unwrap_or(1).max(0) as usize;
+        let mut failure = None;
         if !is_deleting(&rs.metadata) {
             if active.len() < want {
-                self.create_pods(&rs, (want - active.len()).min(BURST)).await?;
+                failure = self.create_pods(&rs, (want - active.len()).min(BURST)).await.err();
             } else if active.len() > want {
                 let mut ranked = active.clone();
                 ranked.sort_by_key(|p| deletion_rank(p));
@@ -175,7 +176,12 @@ impl Controller {
                     .await?;
             }
         }
-        self.update_status(&rs, &active).await
+        let recheck = self.update_status(&rs, &active, failure.as_ref()).await?;
+        match failure {
+            // Retried with backoff; the condition says why meanwhile.
+            Some(err) => Err(err),
+            None => Ok(recheck),
+        }
     }
 
     /// Sets a pod's controller to `rs` (adopt) or removes the controller reference (release).
@@ -255,7 +261,12 @@ impl Controller {
         Ok(())
     }
 
-    async fn update_status(&self, rs: &ReplicaSet, active: &[&Pod]) -> Result<Option<Duration>, ClientError> {
+    async fn update_status(
+        &self,
+        rs: &ReplicaSet,
+        active: &[&Pod],
+        failure: Option<&ClientError>,
+    ) -> Result<Option<Duration>, ClientError> {
         let spec = rs.spec.clone().unwrap_or_default();
         let min_ready = i64::from(spec.min_ready_seconds.unwrap_or(0));
         let at: Timestamp = now();
@@ -282,12 +293,36 @@ impl Controller {
                 Err(None) => {}
             }
         }
+        // ReplicaFailure while pods cannot be created, gone once they can.
+        let old_conditions: Vec<serde_json::Value> = rs
+            .status
+            .as_ref()
+            .and_then(|s| s.conditions.as_ref())
+            .map(|c| c.iter().filter_map(|c| serde_json::to_value(c).ok()).collect())
+            .unwrap_or_default();
+        let mut conditions: Vec<serde_json::Value> = old_conditions
+            .iter()
+            .filter(|c| c["type"] != "ReplicaFailure")
+            .cloned()
+            .collect();
+        if let Some(err) = failure {
+            let message = err.to_string();
+            let old = old_conditions.iter().find(|c| c["type"] == "ReplicaFailure");
+            let transition = old
+                .map(|c| c["lastTransitionTime"].clone())
+                .unwrap_or_else(|| json!(k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(at)));
+            conditions.push(
+                json!({"type": "ReplicaFailure", "status": "True", "reason": "FailedCreate",
+                                   "message": message, "lastTransitionTime": transition}),
+            );
+        }
         let status = json!({
             "replicas": active.len(),
             "fullyLabeledReplicas": fully_labeled,
             "readyReplicas": ready,
             "availableReplicas": available,
             "observedGeneration": rs.metadata.generation.unwrap_or(1),
+            "conditions": conditions,
         });
         let current = rs.status.as_ref().map(|s| {
             json!({
@@ -296,6 +331,7 @@ impl Controller {
                 "readyReplicas": s.ready_replicas.unwrap_or(0),
                 "availableReplicas": s.available_replicas.unwrap_or(0),
                 "observedGeneration": s.observed_generation.unwrap_or(0),
+                "conditions": old_conditions,
             })
         });
         if current.as_ref() != Some(&status) {
