@@ -801,3 +801,112 @@ spec:
     serving.store(true, std::sync::atomic::Ordering::SeqCst);
     env.wait_jsonpath("grpc", ready, |s| s == "True");
 }
+
+/// batch/v1 Jobs with real pods: `kubectl create job` (protobuf) runs to
+/// completion (`kubectl wait`, `logs job/`, `get jobs`), a parallel Job reaches
+/// its completions, a failing one stops at its backoff limit, and deleting a
+/// Job takes its pods.
+#[test]
+fn jobs_run_to_completion_or_give_up() {
+    let env = Env::start();
+    let c = &env.c;
+    c.ok(&[
+        "create",
+        "job",
+        "hello",
+        &format!("--image={}", env.image),
+        "--",
+        "sh",
+        "-c",
+        "echo hi from $(hostname)",
+    ]);
+    let waited = c.ok(&["wait", "--for=condition=complete", "job/hello", "--timeout=60s"]);
+    assert!(waited.contains("job.batch/hello condition met"), "{waited}");
+    assert!(c.ok(&["logs", "job/hello"]).starts_with("hi from hello-"));
+    let row = c.ok(&["get", "job", "hello", "--no-headers"]);
+    let cells: Vec<&str> = row.split_whitespace().collect();
+    assert_eq!(cells[..3], ["hello", "Complete", "1/1"], "{row}");
+    let labels = c.ok(&[
+        "get",
+        "pods",
+        "-l",
+        "job-name=hello",
+        "-o",
+        "jsonpath={.items[*].status.phase}",
+    ]);
+    assert_eq!(labels, "Succeeded");
+
+    let parallel = format!(
+        "apiVersion: batch/v1
+kind: Job
+metadata: {{name: many}}
+spec:
+  completions: 4
+  parallelism: 2
+  template:
+    spec:
+      restartPolicy: Never
+      containers: [{{name: w, image: {}, command: [sh, -c, 'sleep 0.3']}}]
+",
+        env.image
+    );
+    c.ok(&["apply", "-f", &c.file("many.yaml", &parallel)]);
+    let failing = format!(
+        "apiVersion: batch/v1
+kind: Job
+metadata: {{name: doomed}}
+spec:
+  backoffLimit: 1
+  template:
+    spec:
+      restartPolicy: Never
+      containers: [{{name: w, image: {}, command: [sh, -c, 'exit 7']}}]
+",
+        env.image
+    );
+    c.ok(&["apply", "-f", &c.file("doomed.yaml", &failing)]);
+    c.ok(&["wait", "--for=condition=complete", "job/many", "--timeout=60s"]);
+    assert_eq!(
+        c.ok(&[
+            "get",
+            "job",
+            "many",
+            "-o",
+            "jsonpath={.status.succeeded} {.status.active} {.status.failed}"
+        ]),
+        "4 0 0"
+    );
+    c.ok(&["wait", "--for=condition=failed", "job/doomed", "--timeout=60s"]);
+    assert_eq!(
+        c.ok(&[
+            "get",
+            "job",
+            "doomed",
+            "-o",
+            "jsonpath={.status.failed} {.status.conditions[?(@.type==\"Failed\")].reason}"
+        ]),
+        "2 BackoffLimitExceeded"
+    );
+    assert!(c.ok(&["get", "job", "doomed", "--no-headers"]).contains("Failed"));
+    // The pod template must not restart forever.
+    let always = c.fails(&[
+        "create",
+        "-f",
+        &c.file(
+            "always.yaml",
+            &failing.replace("doomed", "always").replace("Never", "Always"),
+        ),
+    ]);
+    assert!(always.contains("spec.template.spec.restartPolicy"), "{always}");
+    // Deleting a Job takes its pods.
+    c.ok(&["delete", "job", "many"]);
+    let deadline = Instant::now() + WAIT;
+    while !c
+        .ok(&["get", "pods", "-l", "job-name=many", "-o", "name"])
+        .trim()
+        .is_empty()
+    {
+        assert!(Instant::now() < deadline, "the Job's pods outlived it");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}

@@ -221,6 +221,19 @@ const SERVICE: &[Field] = &[
     (2, "spec", Ty::Msg(SERVICE_SPEC), false),
 ];
 
+const JOB_SPEC: &[Field] = &[
+    (1, "parallelism", Ty::OptInt, false),
+    (2, "completions", Ty::OptInt, false),
+    (3, "activeDeadlineSeconds", Ty::OptInt, false),
+    (4, "selector", Ty::Msg(LABEL_SELECTOR), false),
+    (5, "manualSelector", Ty::OptBool, false),
+    (6, "template", Ty::Msg(POD_TEMPLATE), false),
+    (7, "backoffLimit", Ty::OptInt, false),
+    (8, "ttlSecondsAfterFinished", Ty::OptInt, false),
+    (9, "completionMode", Ty::Str, false),
+    (10, "suspend", Ty::OptBool, false),
+];
+const JOB: &[Field] = &[(1, "metadata", Ty::Meta, false), (2, "spec", Ty::Msg(JOB_SPEC), false)];
 const OBJECT_REFERENCE: &[Field] = &[
     (1, "kind", Ty::Str, false),
     (2, "namespace", Ty::Str, false),
@@ -321,6 +334,7 @@ fn decode_kind(kind: &str, raw: &[u8]) -> Result<Value, String> {
         "Deployment" => return message(DEPLOYMENT, raw),
         "Service" => return message(SERVICE, raw),
         "ServiceAccount" => return message(SERVICE_ACCOUNT, raw),
+        "Job" => return message(JOB, raw),
         // (A Role has no field 3; ClusterRole's aggregationRule is its only addition.)
         "Role" | "ClusterRole" => return message(ROLE, raw),
         "RoleBinding" | "ClusterRoleBinding" => return message(ROLE_BINDING, raw),
@@ -399,6 +413,7 @@ pub fn decode(body: &[u8]) -> Result<Value, String> {
             | "Deployment"
             | "Service"
             | "ServiceAccount"
+            | "Job"
             | "Role"
             | "ClusterRole"
             | "RoleBinding"

@@ -1,6 +1,6 @@
 //! The resource types this server knows: names, scope, verbs and subresources for discovery and routing.
 
-use k8s_openapi::api::{apps, coordination, core, discovery, events, node, rbac};
+use k8s_openapi::api::{apps, batch, coordination, core, discovery, events, node, rbac};
 use serde::{Serialize, de::DeserializeOwned};
 use serde_json::Value;
 
@@ -357,6 +357,19 @@ pub static RESOURCES: &[ResourceInfo] = &[
         verbs: ALL_VERBS,
         subresources: &[],
         codec: codec::<apps::v1::ControllerRevision>,
+    },
+    ResourceInfo {
+        group: "batch",
+        version: "v1",
+        resource: "jobs",
+        singular: "job",
+        kind: "Job",
+        namespaced: true,
+        short_names: &[],
+        categories: &["all"],
+        verbs: ALL_VERBS,
+        subresources: &[STATUS],
+        codec: codec::<batch::v1::Job>,
     },
     // RBAC objects are kept (manifests and charts carry them) but not enforced.
     ResourceInfo {

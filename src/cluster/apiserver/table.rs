@@ -204,6 +204,16 @@ fn columns(info: &ResourceInfo) -> Vec<Col> {
             ("Containers", "string", "", 1),
             ("Images", "string", "", 1),
         ],
+        ("batch", "jobs") => vec![
+            name,
+            ("Status", "string", "", 0),
+            ("Completions", "string", "", 0),
+            ("Duration", "string", "", 0),
+            age,
+            ("Containers", "string", "", 1),
+            ("Images", "string", "", 1),
+            ("Selector", "string", "", 1),
+        ],
         ("apps", "controllerrevisions") => vec![
             name,
             ("Controller", "string", "", 0),
@@ -346,6 +356,62 @@ fn cells(info: &ResourceInfo, o: &Value, now: Timestamp) -> Vec<Value> {
             ]
         }
         ("", "namespaces") => vec![name, json!(s(o, "/status/phase")), json!(created)],
+        ("batch", "jobs") => {
+            let condition = |t: &str| {
+                arr(o, "/status/conditions")
+                    .iter()
+                    .any(|c| c["type"] == t && c["status"] == "True")
+            };
+            let status = if condition("Complete") {
+                "Complete"
+            } else if condition("Failed") {
+                "Failed"
+            } else if o.pointer("/spec/suspend") == Some(&json!(true)) {
+                "Suspended"
+            } else {
+                "Running"
+            };
+            let succeeded = o.pointer("/status/succeeded").and_then(Value::as_i64).unwrap_or(0);
+            let completions = match o.pointer("/spec/completions").and_then(Value::as_i64) {
+                Some(n) => format!("{succeeded}/{n}"),
+                None => format!(
+                    "{succeeded}/1 of {}",
+                    o.pointer("/spec/parallelism").and_then(Value::as_i64).unwrap_or(1)
+                ),
+            };
+            let at = |p: &str| {
+                o.pointer(p)
+                    .and_then(Value::as_str)
+                    .and_then(|t| t.parse::<Timestamp>().ok())
+            };
+            let duration = match (at("/status/startTime"), at("/status/completionTime")) {
+                (Some(start), Some(end)) => human_duration(end.as_second() - start.as_second()),
+                (Some(start), None) => human_duration(now.as_second() - start.as_second()),
+                _ => String::new(),
+            };
+            let containers = arr(o, "/spec/template/spec/containers");
+            let names: Vec<&str> = containers.iter().filter_map(|c| c["name"].as_str()).collect();
+            let images: Vec<&str> = containers.iter().filter_map(|c| c["image"].as_str()).collect();
+            let selector: Vec<String> = o
+                .pointer("/spec/selector/matchLabels")
+                .and_then(Value::as_object)
+                .map(|m| {
+                    m.iter()
+                        .map(|(k, v)| format!("{k}={}", v.as_str().unwrap_or("")))
+                        .collect()
+                })
+                .unwrap_or_default();
+            vec![
+                name,
+                json!(status),
+                json!(completions),
+                json!(duration),
+                json!(created),
+                json!(names.join(",")),
+                json!(images.join(",")),
+                json!(selector.join(",")),
+            ]
+        }
         ("", "configmaps") => vec![
             name,
             json!(obj_len(o, "/data") + obj_len(o, "/binaryData")),

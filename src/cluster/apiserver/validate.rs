@@ -110,6 +110,7 @@ pub fn apply_defaults(info: &ResourceInfo, obj: &mut Value) {
         .unwrap_or("")
         .to_string();
     match (info.group, info.resource) {
+        ("batch", "jobs") => default_job(obj, &name),
         ("", "secrets") => {
             // stringData is write-only: merged into data (base64), winning over it.
             let map = obj.as_object_mut().expect("an object");
@@ -209,6 +210,57 @@ pub fn apply_defaults(info: &ResourceInfo, obj: &mut Value) {
             }
         }
         _ => {}
+    }
+}
+
+/// Job defaults: one pod to one completion, 6 retries, and (unless `manualSelector`) a selector on the
+/// Job's uid, with the labels that carry it added to the template.
+fn default_job(obj: &mut Value, name: &str) {
+    let uid = obj
+        .pointer("/metadata/uid")
+        .and_then(Value::as_str)
+        .unwrap_or("")
+        .to_string();
+    let spec = obj_mut(obj, "spec");
+    if !spec.contains_key("parallelism") && !spec.contains_key("completions") {
+        spec.insert("completions".into(), json!(1));
+    }
+    spec.entry("parallelism").or_insert(json!(1));
+    spec.entry("backoffLimit").or_insert(json!(6));
+    default_str(spec, "completionMode", "NonIndexed");
+    spec.entry("suspend").or_insert(json!(false));
+    let manual = spec.get("manualSelector") == Some(&json!(true));
+    if !manual && !uid.is_empty() {
+        spec.entry("selector")
+            .or_insert(json!({"matchLabels": {"batch.kubernetes.io/controller-uid": uid}}));
+    }
+    let template = spec.entry("template").or_insert(json!({}));
+    let Some(t) = template.as_object_mut() else { return };
+    if !manual && !uid.is_empty() {
+        let meta = t.entry("metadata").or_insert(json!({}));
+        if let Some(meta) = meta.as_object_mut() {
+            let labels = meta.entry("labels").or_insert(json!({}));
+            if let Some(labels) = labels.as_object_mut() {
+                for (key, value) in [
+                    ("batch.kubernetes.io/controller-uid", &uid),
+                    ("batch.kubernetes.io/job-name", &name.to_string()),
+                    ("controller-uid", &uid),
+                    ("job-name", &name.to_string()),
+                ] {
+                    labels.entry(key).or_insert(json!(value));
+                }
+            }
+        }
+    }
+    let pod_spec = t.entry("spec").or_insert(json!({}));
+    if let Some(ps) = pod_spec.as_object_mut() {
+        // No default restart policy: a Job's pods must say Never or OnFailure.
+        let policy = ps.remove("restartPolicy");
+        default_pod_spec(ps);
+        match policy {
+            Some(p) => _ = ps.insert("restartPolicy".into(), p),
+            None => _ = ps.remove("restartPolicy"),
+        }
     }
 }
 
@@ -321,6 +373,22 @@ pub fn validate(info: &ResourceInfo, obj: &Value) -> ApiResult<()> {
         ("", "pods") => validate_pod_spec(&obj["spec"], "spec", &mut causes),
         ("apps", "deployments" | "replicasets" | "daemonsets" | "statefulsets") => {
             validate_workload(info, obj, &mut causes)
+        }
+        ("batch", "jobs") => {
+            let policy = str_at(obj, "/spec/template/spec/restartPolicy");
+            match policy {
+                "Never" | "OnFailure" => {}
+                "" => causes.push(Cause::required("spec.template.spec.restartPolicy", "")),
+                other => causes.push(Cause::invalid(
+                    "spec.template.spec.restartPolicy",
+                    other,
+                    "Unsupported value: supported values: \"OnFailure\", \"Never\"",
+                )),
+            }
+            if obj.pointer("/spec/selector").is_none() {
+                causes.push(Cause::required("spec.selector", ""));
+            }
+            validate_pod_spec(&obj["spec"]["template"]["spec"], "spec.template.spec", &mut causes);
         }
         ("", "configmaps") | ("", "secrets") => {
             for field in ["data", "binaryData", "stringData"] {

@@ -12,6 +12,7 @@ use crate::cluster::client::Client;
 pub mod daemonset;
 pub mod deployment;
 pub mod endpoints;
+pub mod job;
 pub mod node_lifecycle;
 pub mod pod_gc;
 pub mod replicaset;
@@ -50,6 +51,7 @@ pub fn spawn_all(client: &Client, settings: &Settings) -> Vec<tokio::task::JoinH
         deployment::spawn(client.clone()),
         daemonset::spawn(client.clone()),
         statefulset::spawn(client.clone()),
+        job::spawn(client.clone()),
         endpoints::spawn(client.clone()),
     ]
 }
