@@ -910,3 +910,73 @@ spec:
         std::thread::sleep(Duration::from_millis(200));
     }
 }
+
+/// CronJobs: `kubectl create cronjob` (protobuf), a manual run with
+/// `create job --from=cronjob/`, a run at the next scheduled minute, and a bad
+/// schedule refused.
+#[test]
+fn cronjobs_run_on_schedule() {
+    let env = Env::start();
+    let c = &env.c;
+    let bad = c.fails(&["create", "cronjob", "bad", "--image=busybox", "--schedule=61 * * * *"]);
+    assert!(bad.contains("spec.schedule"), "{bad}");
+    c.ok(&[
+        "create",
+        "cronjob",
+        "tick",
+        &format!("--image={}", env.image),
+        "--schedule=* * * * *",
+        "--",
+        "sh",
+        "-c",
+        "echo tick",
+    ]);
+    let row = c.ok(&["get", "cronjob", "tick", "--no-headers"]);
+    assert!(row.starts_with("tick ") && row.contains("* * * * *"), "{row}");
+    c.ok(&["create", "job", "tick-now", "--from=cronjob/tick"]);
+    c.ok(&["wait", "--for=condition=complete", "job/tick-now", "--timeout=60s"]);
+    assert_eq!(c.ok(&["logs", "job/tick-now"]).trim(), "tick");
+    // The next minute's run, named after its slot.
+    let deadline = Instant::now() + Duration::from_secs(90);
+    let scheduled = loop {
+        let jobs = c.ok(&["get", "jobs", "-o", "name"]);
+        if let Some(job) = jobs
+            .lines()
+            .find(|j| j.starts_with("job.batch/tick-") && *j != "job.batch/tick-now")
+        {
+            break job.to_string();
+        }
+        assert!(Instant::now() < deadline, "no scheduled run: {jobs}");
+        std::thread::sleep(Duration::from_millis(500));
+    };
+    c.ok(&["wait", "--for=condition=complete", &scheduled, "--timeout=60s"]);
+    let slot: i64 = scheduled.trim_start_matches("job.batch/tick-").parse().unwrap();
+    let annotation = c.ok(&[
+        "get",
+        &scheduled,
+        "-o",
+        "jsonpath={.metadata.annotations.batch\\.kubernetes\\.io/cronjob-scheduled-timestamp}",
+    ]);
+    let stamp: k8s_openapi::jiff::Timestamp = annotation.parse().unwrap();
+    assert_eq!(stamp.as_second(), slot * 60);
+    let deadline = Instant::now() + WAIT;
+    while c
+        .ok(&["get", "cronjob", "tick", "-o", "jsonpath={.status.lastSuccessfulTime}"])
+        .is_empty()
+    {
+        assert!(Instant::now() < deadline, "lastSuccessfulTime never set");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    // Suspended, it runs no more; deleted, its Jobs go with it.
+    c.ok(&["patch", "cronjob", "tick", "-p", r#"{"spec":{"suspend":true}}"#]);
+    c.ok(&["delete", "cronjob", "tick"]);
+    let deadline = Instant::now() + WAIT;
+    while !c.ok(&["get", "jobs", "-o", "name"]).trim().is_empty() {
+        assert!(
+            Instant::now() < deadline,
+            "the CronJob's Jobs outlived it: {}",
+            c.ok(&["get", "jobs", "-o", "jsonpath={range .items[*]}{.metadata.name} {.metadata.ownerReferences} {.metadata.deletionTimestamp}{\"\\n\"}{end}"])
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}

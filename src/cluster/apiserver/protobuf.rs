@@ -96,6 +96,12 @@ fn object_meta(b: &[u8]) -> Result<Value, String> {
             (6, Wire::Bytes(x)) => _ = m.insert("resourceVersion".into(), json!(string(x)?)),
             (11, Wire::Bytes(x)) => insert_entry(&mut m, "labels", x, false)?,
             (12, Wire::Bytes(x)) => insert_entry(&mut m, "annotations", x, false)?,
+            // As `kubectl create job --from=cronjob/...` sends.
+            (13, Wire::Bytes(x)) => {
+                let reference = message(OWNER_REFERENCE, x)?;
+                let refs = m.entry("ownerReferences").or_insert_with(|| json!([]));
+                refs.as_array_mut().expect("list").push(reference);
+            }
             (14, Wire::Bytes(x)) => {
                 let f = m.entry("finalizers").or_insert_with(|| json!([]));
                 f.as_array_mut().expect("list").push(json!(string(x)?));
@@ -221,6 +227,14 @@ const SERVICE: &[Field] = &[
     (2, "spec", Ty::Msg(SERVICE_SPEC), false),
 ];
 
+const OWNER_REFERENCE: &[Field] = &[
+    (1, "kind", Ty::Str, false),
+    (3, "name", Ty::Str, false),
+    (4, "uid", Ty::Str, false),
+    (5, "apiVersion", Ty::Str, false),
+    (6, "controller", Ty::OptBool, false),
+    (7, "blockOwnerDeletion", Ty::OptBool, false),
+];
 const JOB_SPEC: &[Field] = &[
     (1, "parallelism", Ty::OptInt, false),
     (2, "completions", Ty::OptInt, false),
@@ -234,6 +248,20 @@ const JOB_SPEC: &[Field] = &[
     (10, "suspend", Ty::OptBool, false),
 ];
 const JOB: &[Field] = &[(1, "metadata", Ty::Meta, false), (2, "spec", Ty::Msg(JOB_SPEC), false)];
+const CRON_JOB_SPEC: &[Field] = &[
+    (1, "schedule", Ty::Str, false),
+    (2, "startingDeadlineSeconds", Ty::OptInt, false),
+    (3, "concurrencyPolicy", Ty::Str, false),
+    (4, "suspend", Ty::OptBool, false),
+    (5, "jobTemplate", Ty::Msg(JOB), false),
+    (6, "successfulJobsHistoryLimit", Ty::OptInt, false),
+    (7, "failedJobsHistoryLimit", Ty::OptInt, false),
+    (8, "timeZone", Ty::Str, false),
+];
+const CRON_JOB: &[Field] = &[
+    (1, "metadata", Ty::Meta, false),
+    (2, "spec", Ty::Msg(CRON_JOB_SPEC), false),
+];
 const OBJECT_REFERENCE: &[Field] = &[
     (1, "kind", Ty::Str, false),
     (2, "namespace", Ty::Str, false),
@@ -335,6 +363,7 @@ fn decode_kind(kind: &str, raw: &[u8]) -> Result<Value, String> {
         "Service" => return message(SERVICE, raw),
         "ServiceAccount" => return message(SERVICE_ACCOUNT, raw),
         "Job" => return message(JOB, raw),
+        "CronJob" => return message(CRON_JOB, raw),
         // (A Role has no field 3; ClusterRole's aggregationRule is its only addition.)
         "Role" | "ClusterRole" => return message(ROLE, raw),
         "RoleBinding" | "ClusterRoleBinding" => return message(ROLE_BINDING, raw),
@@ -414,6 +443,7 @@ pub fn decode(body: &[u8]) -> Result<Value, String> {
             | "Service"
             | "ServiceAccount"
             | "Job"
+            | "CronJob"
             | "Role"
             | "ClusterRole"
             | "RoleBinding"

@@ -371,6 +371,19 @@ pub static RESOURCES: &[ResourceInfo] = &[
         subresources: &[STATUS],
         codec: codec::<batch::v1::Job>,
     },
+    ResourceInfo {
+        group: "batch",
+        version: "v1",
+        resource: "cronjobs",
+        singular: "cronjob",
+        kind: "CronJob",
+        namespaced: true,
+        short_names: &["cj"],
+        categories: &["all"],
+        verbs: ALL_VERBS,
+        subresources: &[STATUS],
+        codec: codec::<batch::v1::CronJob>,
+    },
     // RBAC objects are kept (manifests and charts carry them) but not enforced.
     ResourceInfo {
         group: "rbac.authorization.k8s.io",

@@ -204,6 +204,18 @@ fn columns(info: &ResourceInfo) -> Vec<Col> {
             ("Containers", "string", "", 1),
             ("Images", "string", "", 1),
         ],
+        ("batch", "cronjobs") => vec![
+            name,
+            ("Schedule", "string", "", 0),
+            ("Timezone", "string", "", 0),
+            ("Suspend", "boolean", "", 0),
+            ("Active", "integer", "", 0),
+            ("Last Schedule", "string", "", 0),
+            age,
+            ("Containers", "string", "", 1),
+            ("Images", "string", "", 1),
+            ("Selector", "string", "", 1),
+        ],
         ("batch", "jobs") => vec![
             name,
             ("Status", "string", "", 0),
@@ -356,6 +368,27 @@ fn cells(info: &ResourceInfo, o: &Value, now: Timestamp) -> Vec<Value> {
             ]
         }
         ("", "namespaces") => vec![name, json!(s(o, "/status/phase")), json!(created)],
+        ("batch", "cronjobs") => {
+            let last = match s(o, "/status/lastScheduleTime") {
+                "" => "<none>".to_string(),
+                _ => age(o.pointer("/status/lastScheduleTime"), now),
+            };
+            let containers = arr(o, "/spec/jobTemplate/spec/template/spec/containers");
+            let names: Vec<&str> = containers.iter().filter_map(|c| c["name"].as_str()).collect();
+            let images: Vec<&str> = containers.iter().filter_map(|c| c["image"].as_str()).collect();
+            vec![
+                name,
+                json!(s(o, "/spec/schedule")),
+                or_none(s(o, "/spec/timeZone")),
+                json!(o.pointer("/spec/suspend").and_then(Value::as_bool).unwrap_or(false)),
+                json!(arr(o, "/status/active").len()),
+                json!(last),
+                json!(created),
+                json!(names.join(",")),
+                json!(images.join(",")),
+                json!("<none>"),
+            ]
+        }
         ("batch", "jobs") => {
             let condition = |t: &str| {
                 arr(o, "/status/conditions")

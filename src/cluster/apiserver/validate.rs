@@ -111,6 +111,13 @@ pub fn apply_defaults(info: &ResourceInfo, obj: &mut Value) {
         .to_string();
     match (info.group, info.resource) {
         ("batch", "jobs") => default_job(obj, &name),
+        ("batch", "cronjobs") => {
+            let spec = obj_mut(obj, "spec");
+            default_str(spec, "concurrencyPolicy", "Allow");
+            spec.entry("suspend").or_insert(json!(false));
+            spec.entry("successfulJobsHistoryLimit").or_insert(json!(3));
+            spec.entry("failedJobsHistoryLimit").or_insert(json!(1));
+        }
         ("", "secrets") => {
             // stringData is write-only: merged into data (base64), winning over it.
             let map = obj.as_object_mut().expect("an object");
@@ -373,6 +380,36 @@ pub fn validate(info: &ResourceInfo, obj: &Value) -> ApiResult<()> {
         ("", "pods") => validate_pod_spec(&obj["spec"], "spec", &mut causes),
         ("apps", "deployments" | "replicasets" | "daemonsets" | "statefulsets") => {
             validate_workload(info, obj, &mut causes)
+        }
+        ("batch", "cronjobs") => {
+            let schedule = str_at(obj, "/spec/schedule");
+            if let Err(e) = crate::cluster::controllers::cron::Schedule::parse(schedule) {
+                causes.push(Cause::invalid("spec.schedule", schedule, &e));
+            }
+            let zone = str_at(obj, "/spec/timeZone");
+            if !["", "UTC", "Etc/UTC"].contains(&zone) {
+                causes.push(Cause::invalid(
+                    "spec.timeZone",
+                    zone,
+                    "only UTC schedules are supported",
+                ));
+            }
+            let policy = str_at(obj, "/spec/concurrencyPolicy");
+            if !["Allow", "Forbid", "Replace"].contains(&policy) {
+                causes.push(Cause::invalid(
+                    "spec.concurrencyPolicy",
+                    policy,
+                    "Unsupported value: supported values: \"Allow\", \"Forbid\", \"Replace\"",
+                ));
+            }
+            match str_at(obj, "/spec/jobTemplate/spec/template/spec/restartPolicy") {
+                "Never" | "OnFailure" => {}
+                other => causes.push(Cause::invalid(
+                    "spec.jobTemplate.spec.template.spec.restartPolicy",
+                    other,
+                    "Unsupported value: supported values: \"OnFailure\", \"Never\"",
+                )),
+            }
         }
         ("batch", "jobs") => {
             let policy = str_at(obj, "/spec/template/spec/restartPolicy");

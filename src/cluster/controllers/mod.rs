@@ -9,6 +9,8 @@ use std::time::Duration;
 
 use crate::cluster::client::Client;
 
+pub mod cron;
+pub mod cronjob;
 pub mod daemonset;
 pub mod deployment;
 pub mod endpoints;
@@ -52,6 +54,7 @@ pub fn spawn_all(client: &Client, settings: &Settings) -> Vec<tokio::task::JoinH
         daemonset::spawn(client.clone()),
         statefulset::spawn(client.clone()),
         job::spawn(client.clone()),
+        cronjob::spawn(client.clone()),
         endpoints::spawn(client.clone()),
     ]
 }
