@@ -982,3 +982,86 @@ fn replica_failure_until_the_service_account_exists() {
     );
     assert!(accounts.split_whitespace().all(|a| a == "robot"), "{accounts}");
 }
+
+/// PodDisruptionBudgets: `kubectl create pdb` (protobuf), its status in
+/// `get pdb`, and `kubectl drain` held back (429, retried) while an eviction
+/// would leave fewer healthy pods than the budget wants.
+#[test]
+fn disruption_budgets_hold_back_drain() {
+    let c = control_plane(&[node("n1", json!([])), node("n2", json!([]))]);
+    let _kubelet = FakeKubelet::start(&c, "guarded");
+    c.ok(&[
+        "create",
+        "deployment",
+        "guarded",
+        "--image=example.invalid/guarded:1",
+        "--replicas=3",
+    ]);
+    rollout_ok(&c, "deployment/guarded");
+    c.ok(&[
+        "create",
+        "pdb",
+        "guarded",
+        "--selector=app=guarded",
+        "--min-available=3",
+    ]);
+    let allowed = "{.status.currentHealthy}/{.status.desiredHealthy}/{.status.disruptionsAllowed}";
+    let deadline = Instant::now() + WAIT;
+    while jsonpath(&c, &["get", "pdb", "guarded"], allowed) != "3/3/0" {
+        assert!(
+            Instant::now() < deadline,
+            "pdb status: {}",
+            jsonpath(&c, &["get", "pdb", "guarded"], allowed)
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let row = c.ok(&["get", "pdb", "guarded", "--no-headers"]);
+    assert_eq!(
+        row.split_whitespace().take(4).collect::<Vec<_>>(),
+        ["guarded", "3", "N/A", "0"],
+        "{row}"
+    );
+    let on_n1 = jsonpath(
+        &c,
+        &["get", "pods", "--field-selector=spec.nodeName=n1"],
+        "{.items[*].metadata.name}",
+    );
+    assert!(!on_n1.is_empty(), "the test wants a pod on n1");
+    let out = c.kubectl(&["drain", "n1", "--timeout=4s"]);
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(!out.status.success(), "{text}");
+    assert!(
+        text.contains("Cannot evict pod as it would violate the pod's disruption budget"),
+        "{text}"
+    );
+    assert_eq!(
+        jsonpath(
+            &c,
+            &["get", "pods", "--field-selector=spec.nodeName=n1"],
+            "{.items[*].metadata.name}"
+        ),
+        on_n1,
+        "nothing was evicted"
+    );
+    // One disruption allowed: drain goes on, one pod at a time as replacements get ready on n2.
+    c.ok(&[
+        "patch",
+        "pdb",
+        "guarded",
+        "--type=merge",
+        "-p",
+        r#"{"spec":{"minAvailable":2}}"#,
+    ]);
+    let out = c.ok(&["drain", "n1", "--timeout=60s"]);
+    assert!(out.contains("drained"), "{out}");
+    let left = jsonpath(
+        &c,
+        &["get", "pods", "--field-selector=spec.nodeName=n1"],
+        "{.items[*].metadata.name}",
+    );
+    assert!(left.is_empty(), "{left}");
+}

@@ -1079,14 +1079,55 @@ async fn bind(ctx: &Ctx) -> ApiResult<hyper::Response<Body>> {
     Err(ApiError::conflict("pods", &ctx.name))
 }
 
-/// `pods/eviction`: no disruption budgets yet, so an eviction is a delete with the given options.
+/// `pods/eviction`: a delete with the given options, unless it would take a
+/// healthy pod from a PodDisruptionBudget with no disruptions left (429, which
+/// `kubectl drain` retries).
 async fn evict(ctx: &Ctx) -> ApiResult<hyper::Response<Body>> {
     let b = decode_body(&ctx.ct, &ctx.body)?;
     let opts = DeleteOpts {
         grace: b.pointer("/deleteOptions/gracePeriodSeconds").and_then(Value::as_i64),
         ..Default::default()
     };
+    let _serial = ctx.state.evictions.lock().await;
     let old = ctx.state.store.get(&ctx.key()).await.map_err(|e| ctx.err(e))?;
+    if crate::cluster::disruption::healthy(&old.value) {
+        let ns = Some(ctx.ns.as_str());
+        let (budgets, _) = ctx
+            .state
+            .store
+            .list(&Scope::new("policy", "poddisruptionbudgets", ns))
+            .await
+            .map_err(|e| ctx.err(e))?;
+        let covering: Vec<Value> = budgets
+            .into_iter()
+            .map(|o| o.value)
+            .filter(|pdb| crate::cluster::disruption::selects(pdb, &old.value))
+            .collect();
+        if !covering.is_empty() {
+            let (pods, _) = ctx
+                .state
+                .store
+                .list(&Scope::new("", "pods", ns))
+                .await
+                .map_err(|e| ctx.err(e))?;
+            let pods: Vec<Value> = pods.into_iter().map(|o| o.value).collect();
+            for pdb in &covering {
+                let budget = crate::cluster::disruption::budget(pdb, &pods);
+                if budget.allowed == 0 {
+                    let pdb_name = pdb.pointer("/metadata/name").and_then(Value::as_str).unwrap_or("");
+                    let mut err = ApiError::new(
+                        StatusCode::TOO_MANY_REQUESTS,
+                        "TooManyRequests",
+                        "Cannot evict pod as it would violate the pod's disruption budget.",
+                    );
+                    err.details = json!({"causes": [{"reason": "DisruptionBudget",
+                        "message": format!("The disruption budget {pdb_name} needs {} healthy pods and has {} currently",
+                                           budget.desired_healthy, budget.current_healthy)}]});
+                    return Err(err);
+                }
+            }
+        }
+    }
     delete_object(&ctx.state, ctx.info, &old, &opts).await?;
     Ok(json_response(StatusCode::CREATED, &success(), "application/json"))
 }

@@ -77,6 +77,8 @@ pub(crate) struct State {
     pub service_cidr: ipnet::Ipv4Net,
     /// Serializes Service creations (address allocation).
     pub service_allocation: tokio::sync::Mutex<()>,
+    /// Serializes evictions, so concurrent ones never overspend a disruption budget.
+    pub evictions: tokio::sync::Mutex<()>,
 }
 
 /// A running API server.
@@ -113,6 +115,7 @@ impl ApiServer {
             gc: tokio::sync::Notify::new(),
             service_cidr: config.service_cidr,
             service_allocation: tokio::sync::Mutex::new(()),
+            evictions: tokio::sync::Mutex::new(()),
         });
         handlers::bootstrap(&state).await?;
         let gc_task = gc::spawn(state.clone());

@@ -235,6 +235,13 @@ const OWNER_REFERENCE: &[Field] = &[
     (6, "controller", Ty::OptBool, false),
     (7, "blockOwnerDeletion", Ty::OptBool, false),
 ];
+const PDB_SPEC: &[Field] = &[
+    (1, "minAvailable", Ty::IntOrStr, false),
+    (2, "selector", Ty::Msg(LABEL_SELECTOR), false),
+    (3, "maxUnavailable", Ty::IntOrStr, false),
+    (4, "unhealthyPodEvictionPolicy", Ty::Str, false),
+];
+const PDB: &[Field] = &[(1, "metadata", Ty::Meta, false), (2, "spec", Ty::Msg(PDB_SPEC), false)];
 const JOB_SPEC: &[Field] = &[
     (1, "parallelism", Ty::OptInt, false),
     (2, "completions", Ty::OptInt, false),
@@ -364,6 +371,7 @@ fn decode_kind(kind: &str, raw: &[u8]) -> Result<Value, String> {
         "ServiceAccount" => return message(SERVICE_ACCOUNT, raw),
         "Job" => return message(JOB, raw),
         "CronJob" => return message(CRON_JOB, raw),
+        "PodDisruptionBudget" => return message(PDB, raw),
         // (A Role has no field 3; ClusterRole's aggregationRule is its only addition.)
         "Role" | "ClusterRole" => return message(ROLE, raw),
         "RoleBinding" | "ClusterRoleBinding" => return message(ROLE_BINDING, raw),
@@ -444,6 +452,7 @@ pub fn decode(body: &[u8]) -> Result<Value, String> {
             | "ServiceAccount"
             | "Job"
             | "CronJob"
+            | "PodDisruptionBudget"
             | "Role"
             | "ClusterRole"
             | "RoleBinding"

@@ -1,6 +1,6 @@
 //! The resource types this server knows: names, scope, verbs and subresources for discovery and routing.
 
-use k8s_openapi::api::{apps, batch, coordination, core, discovery, events, node, rbac};
+use k8s_openapi::api::{apps, batch, coordination, core, discovery, events, node, policy, rbac};
 use serde::{Serialize, de::DeserializeOwned};
 use serde_json::Value;
 
@@ -383,6 +383,19 @@ pub static RESOURCES: &[ResourceInfo] = &[
         verbs: ALL_VERBS,
         subresources: &[STATUS],
         codec: codec::<batch::v1::CronJob>,
+    },
+    ResourceInfo {
+        group: "policy",
+        version: "v1",
+        resource: "poddisruptionbudgets",
+        singular: "poddisruptionbudget",
+        kind: "PodDisruptionBudget",
+        namespaced: true,
+        short_names: &["pdb"],
+        categories: &[],
+        verbs: ALL_VERBS,
+        subresources: &[STATUS],
+        codec: codec::<policy::v1::PodDisruptionBudget>,
     },
     // RBAC objects are kept (manifests and charts carry them) but not enforced.
     ResourceInfo {

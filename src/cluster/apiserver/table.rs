@@ -204,6 +204,13 @@ fn columns(info: &ResourceInfo) -> Vec<Col> {
             ("Containers", "string", "", 1),
             ("Images", "string", "", 1),
         ],
+        ("policy", "poddisruptionbudgets") => vec![
+            name,
+            ("Min Available", "string", "", 0),
+            ("Max Unavailable", "string", "", 0),
+            ("Allowed Disruptions", "integer", "", 0),
+            age,
+        ],
         ("batch", "cronjobs") => vec![
             name,
             ("Schedule", "string", "", 0),
@@ -368,6 +375,24 @@ fn cells(info: &ResourceInfo, o: &Value, now: Timestamp) -> Vec<Value> {
             ]
         }
         ("", "namespaces") => vec![name, json!(s(o, "/status/phase")), json!(created)],
+        ("policy", "poddisruptionbudgets") => {
+            let shown = |p: &str| match o.pointer(p) {
+                Some(Value::Number(n)) => json!(n.to_string()),
+                Some(Value::String(s)) => json!(s),
+                _ => json!("N/A"),
+            };
+            vec![
+                name,
+                shown("/spec/minAvailable"),
+                shown("/spec/maxUnavailable"),
+                json!(
+                    o.pointer("/status/disruptionsAllowed")
+                        .and_then(Value::as_i64)
+                        .unwrap_or(0)
+                ),
+                json!(created),
+            ]
+        }
         ("batch", "cronjobs") => {
             let last = match s(o, "/status/lastScheduleTime") {
                 "" => "<none>".to_string(),

@@ -13,6 +13,7 @@ pub mod cron;
 pub mod cronjob;
 pub mod daemonset;
 pub mod deployment;
+pub mod disruption;
 pub mod endpoints;
 pub mod job;
 pub mod node_lifecycle;
@@ -55,6 +56,7 @@ pub fn spawn_all(client: &Client, settings: &Settings) -> Vec<tokio::task::JoinH
         statefulset::spawn(client.clone()),
         job::spawn(client.clone()),
         cronjob::spawn(client.clone()),
+        disruption::spawn(client.clone()),
         endpoints::spawn(client.clone()),
     ]
 }
