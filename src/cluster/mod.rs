@@ -6,6 +6,7 @@ pub mod agent;
 pub mod apiserver;
 pub mod client;
 pub mod controllers;
+pub mod cron;
 pub mod disruption;
 pub mod dns;
 pub mod events;

@@ -49,9 +49,7 @@ impl NodeNetwork {
     }
 
     fn tag(&self) -> String {
-        let hash = self.netns.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
-            (h ^ u64::from(b)).wrapping_mul(0x100_0000_01b3)
-        });
+        let hash = crate::sys::fnv1a(self.netns.as_bytes());
         format!("{:08x}", hash as u32)
     }
 
@@ -139,18 +137,7 @@ impl NodeNetwork {
 }
 
 async fn ip(args: &[&str]) -> anyhow::Result<()> {
-    let out = tokio::process::Command::new("ip")
-        .args(args)
-        .output()
-        .await
-        .context("running ip")?;
-    anyhow::ensure!(
-        out.status.success(),
-        "ip {}: {}",
-        args.join(" "),
-        String::from_utf8_lossy(&out.stderr).trim()
-    );
-    Ok(())
+    crate::sys::ip(args).await.map(drop).map_err(anyhow::Error::msg)
 }
 
 async fn nft(script: &str) -> anyhow::Result<()> {

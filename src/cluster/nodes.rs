@@ -48,13 +48,7 @@ pub fn node_network(
         start + 4 <= u64::from(u32::from(cidr.broadcast())) + 1,
         "--node-link-cidr {cidr} has no room for node {index}'s /30"
     );
-    let hash = data_dir
-        .as_os_str()
-        .as_encoded_bytes()
-        .iter()
-        .fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
-            (h ^ u64::from(*b)).wrapping_mul(0x100_0000_01b3)
-        });
+    let hash = crate::sys::fnv1a(data_dir.as_os_str().as_encoded_bytes());
     let link = ipnet::Ipv4Net::new(std::net::Ipv4Addr::from(start as u32), 30)?;
     super::nodenet::NodeNetwork::new(&format!("podvisor-{:08x}-n{index}", hash as u32), link)
 }

@@ -97,27 +97,9 @@ pub(crate) async fn run(ctx: Arc<Context>) {
     }
 }
 
-async fn ip(args: &[&str]) -> Result<String, String> {
-    let out = tokio::process::Command::new("ip")
-        .args(args)
-        .output()
-        .await
-        .map_err(|e| format!("running ip: {e}"))?;
-    if !out.status.success() {
-        return Err(format!(
-            "ip {}: {}",
-            args.join(" "),
-            String::from_utf8_lossy(&out.stderr).trim()
-        ));
-    }
-    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
-}
-
 /// The metric of this agent's routes: one per cluster and node, in 1000..1_001_000.
 fn route_metric(identity: &str) -> u32 {
-    let hash = identity.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
-        (h ^ u64::from(b)).wrapping_mul(0x100_0000_01b3)
-    });
+    let hash = crate::sys::fnv1a(identity.as_bytes());
     1000 + (hash % 1_000_000) as u32
 }
 
@@ -126,7 +108,7 @@ async fn sync(wanted: &BTreeMap<String, IpAddr>, metric: u32) -> Result<(), Stri
     let metric_text = metric.to_string();
     let mut present = BTreeMap::new();
     for family in ["-4", "-6"] {
-        let listed = ip(&[family, "-j", "route", "show", "proto", ROUTE_PROTOCOL]).await?;
+        let listed = crate::sys::ip(&[family, "-j", "route", "show", "proto", ROUTE_PROTOCOL]).await?;
         let routes: Vec<serde_json::Value> = serde_json::from_str(listed.trim()).unwrap_or_default();
         for route in routes {
             let (Some(dst), Some(gateway)) = (route["dst"].as_str(), route["gateway"].as_str()) else {
@@ -140,7 +122,7 @@ async fn sync(wanted: &BTreeMap<String, IpAddr>, metric: u32) -> Result<(), Stri
     }
     for (dst, gateway) in wanted {
         if present.get(dst) != Some(&gateway.to_string()) {
-            ip(&[
+            crate::sys::ip(&[
                 "route",
                 "replace",
                 dst,
@@ -156,7 +138,7 @@ async fn sync(wanted: &BTreeMap<String, IpAddr>, metric: u32) -> Result<(), Stri
         }
     }
     for dst in present.keys().filter(|dst| !wanted.contains_key(*dst)) {
-        ip(&["route", "del", dst, "proto", ROUTE_PROTOCOL, "metric", &metric_text]).await?;
+        crate::sys::ip(&["route", "del", dst, "proto", ROUTE_PROTOCOL, "metric", &metric_text]).await?;
         tracing::info!(subnet = dst, "pod route removed");
     }
     Ok(())

@@ -87,6 +87,23 @@ fn s<'a>(v: &'a Value, ptr: &str) -> &'a str {
     v.pointer(ptr).and_then(Value::as_str).unwrap_or("")
 }
 
+/// The wide columns of a pod-template owner: containers, images, selector.
+fn template_wide(o: &Value, template: &str, selector: Option<&Value>) -> [Value; 3] {
+    let containers = arr(o, &format!("{template}/spec/containers"));
+    let join = |field: &str| {
+        containers
+            .iter()
+            .map(|c| c[field].as_str().unwrap_or(""))
+            .collect::<Vec<_>>()
+            .join(",")
+    };
+    [
+        or_none(&join("name")),
+        or_none(&join("image")),
+        or_none(&selector.map(super::select::selector_string).unwrap_or_default()),
+    ]
+}
+
 fn or_none(x: &str) -> Value {
     Value::String(if x.is_empty() { "<none>".into() } else { x.into() })
 }
@@ -398,10 +415,7 @@ fn cells(info: &ResourceInfo, o: &Value, now: Timestamp) -> Vec<Value> {
                 "" => "<none>".to_string(),
                 _ => age(o.pointer("/status/lastScheduleTime"), now),
             };
-            let containers = arr(o, "/spec/jobTemplate/spec/template/spec/containers");
-            let names: Vec<&str> = containers.iter().filter_map(|c| c["name"].as_str()).collect();
-            let images: Vec<&str> = containers.iter().filter_map(|c| c["image"].as_str()).collect();
-            vec![
+            let mut row = vec![
                 name,
                 json!(s(o, "/spec/schedule")),
                 or_none(s(o, "/spec/timeZone")),
@@ -409,10 +423,9 @@ fn cells(info: &ResourceInfo, o: &Value, now: Timestamp) -> Vec<Value> {
                 json!(arr(o, "/status/active").len()),
                 json!(last),
                 json!(created),
-                json!(names.join(",")),
-                json!(images.join(",")),
-                json!("<none>"),
-            ]
+            ];
+            row.extend(template_wide(o, "/spec/jobTemplate/spec/template", None));
+            row
         }
         ("batch", "jobs") => {
             let condition = |t: &str| {
@@ -447,28 +460,9 @@ fn cells(info: &ResourceInfo, o: &Value, now: Timestamp) -> Vec<Value> {
                 (Some(start), None) => human_duration(now.as_second() - start.as_second()),
                 _ => String::new(),
             };
-            let containers = arr(o, "/spec/template/spec/containers");
-            let names: Vec<&str> = containers.iter().filter_map(|c| c["name"].as_str()).collect();
-            let images: Vec<&str> = containers.iter().filter_map(|c| c["image"].as_str()).collect();
-            let selector: Vec<String> = o
-                .pointer("/spec/selector/matchLabels")
-                .and_then(Value::as_object)
-                .map(|m| {
-                    m.iter()
-                        .map(|(k, v)| format!("{k}={}", v.as_str().unwrap_or("")))
-                        .collect()
-                })
-                .unwrap_or_default();
-            vec![
-                name,
-                json!(status),
-                json!(completions),
-                json!(duration),
-                json!(created),
-                json!(names.join(",")),
-                json!(images.join(",")),
-                json!(selector.join(",")),
-            ]
+            let mut row = vec![name, json!(status), json!(completions), json!(duration), json!(created)];
+            row.extend(template_wide(o, "/spec/template", o.pointer("/spec/selector")));
+            row
         }
         ("", "configmaps") => vec![
             name,
@@ -573,23 +567,7 @@ fn cells(info: &ResourceInfo, o: &Value, now: Timestamp) -> Vec<Value> {
         ("node.k8s.io", "runtimeclasses") => vec![name, json!(s(o, "/handler")), json!(created)],
         ("apps", "deployments" | "replicasets" | "daemonsets" | "statefulsets") => {
             let n = |ptr: &str| json!(o.pointer(ptr).and_then(Value::as_i64).unwrap_or(0));
-            let containers = arr(o, "/spec/template/spec/containers");
-            let join = |field: &str| {
-                containers
-                    .iter()
-                    .map(|c| c[field].as_str().unwrap_or(""))
-                    .collect::<Vec<_>>()
-                    .join(",")
-            };
-            let wide = [
-                or_none(&join("name")),
-                or_none(&join("image")),
-                or_none(
-                    &o.pointer("/spec/selector")
-                        .map(super::select::selector_string)
-                        .unwrap_or_default(),
-                ),
-            ];
+            let wide = template_wide(o, "/spec/template", o.pointer("/spec/selector"));
             let mut row = match info.resource {
                 "statefulsets" => {
                     let ready = format!(

@@ -383,7 +383,7 @@ pub fn validate(info: &ResourceInfo, obj: &Value) -> ApiResult<()> {
         }
         ("batch", "cronjobs") => {
             let schedule = str_at(obj, "/spec/schedule");
-            if let Err(e) = crate::cluster::controllers::cron::Schedule::parse(schedule) {
+            if let Err(e) = crate::cluster::cron::Schedule::parse(schedule) {
                 causes.push(Cause::invalid("spec.schedule", schedule, &e));
             }
             let zone = str_at(obj, "/spec/timeZone");

@@ -12,9 +12,9 @@ use k8s_openapi::jiff::Timestamp;
 use serde_json::{Value, json};
 use tokio::sync::broadcast::error::RecvError;
 
-use super::cron::Schedule;
 use super::workload::{WorkQueue, controlled_by, controller_of, controller_ref, is_deleting, name, uid};
 use crate::cluster::client::{Client, ClientError, ListParams};
+use crate::cluster::cron::Schedule;
 use crate::cluster::events::{EventType, Recorder, now, reference};
 use crate::cluster::informer::{Change, Informer, object_key};
 

@@ -9,7 +9,6 @@ use std::time::Duration;
 
 use crate::cluster::client::Client;
 
-pub mod cron;
 pub mod cronjob;
 pub mod daemonset;
 pub mod deployment;

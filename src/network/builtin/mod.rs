@@ -270,7 +270,7 @@ impl BuiltinNetwork {
             .filter(|p| p.bytes().all(|b| b.is_ascii_hexdigit()));
         match prefix {
             Some(p) => format!("pv{}", p.to_ascii_lowercase()),
-            None => format!("pv{:011x}", fnv1a(sandbox_id.as_bytes()) >> 20),
+            None => format!("pv{:011x}", crate::sys::fnv1a(sandbox_id.as_bytes()) >> 20),
         }
     }
 
@@ -750,12 +750,6 @@ fn mac_for(ip: Ipv4Addr) -> [u8; 6] {
 
 fn format_mac(mac: [u8; 6]) -> String {
     mac.iter().map(|b| format!("{b:02x}")).collect::<Vec<_>>().join(":")
-}
-
-fn fnv1a(bytes: &[u8]) -> u64 {
-    bytes.iter().fold(0xcbf2_9ce4_8422_2325_u64, |h, &b| {
-        (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
-    })
 }
 
 /// An error and its sources, joined with ": ".
